@@ -1,0 +1,26 @@
+# Everything needs only python3: the first target that runs creates .venv and installs the project.
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: train test test-fast clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# The main job: train the tiny model on the embedded stdlib corpus, then print generated code.
+train: $(STAMP)
+	$(VENV)/bin/codegen-jax train --config configs/tiny.yaml
+
+# The whole suite, slow multi-process tests included.
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,377 @@
+"""Typed run configuration: dataclasses with the defaults, YAML loading, `key.sub=value` overrides.
+
+Defaults live here; `configs/*.yaml` hold only differences. A config is validated once, at load time,
+and every problem is raised as a `ConfigError` (a `UserError`: one line, exit code 2 in the CLI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from codegen_jax.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file or override that cannot be used as given."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0: d_model // n_heads
+    d_ff: int = 704
+    max_seq_len: int = 2048  # context length: the KV cache and generation limit
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots_saveable
+    scan_layers: bool = True
+    attention: str = "xla"  # xla | cudnn (GPU) | auto
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = -1  # -1: the rest of the devices
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | files (source trees) | datasets (jsonl/parquet/arrow/save_to_disk)
+    paths: list[str] = dataclasses.field(default_factory=list)
+    extensions: list[str] = dataclasses.field(default_factory=lambda: [".py"])
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    seq_len: int = 256
+    tokenizer: str = ""  # a tokenizer directory; empty: train one on the corpus into WORKDIR/tokenizer
+    pair_ratio: float = 0.3  # share of examples that are docstring -> code instruction pairs
+    val_fraction: float = 0.02
+    max_file_bytes: int = 1_000_000
+    max_line_length: int = 1000
+    min_alnum_fraction: float = 0.25
+    max_docs: int = 0  # 0: all documents
+    pack: str = "first_fit"  # first_fit | best_fit
+    shuffle_seed: int = 0
+    num_workers: int = 0  # grain worker processes; 0: in the main process
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    schedule: str = "cosine"  # cosine | linear | wsd | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: the share of steps spent decaying
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms_and_embeddings: bool = False
+    clip_norm: float = 1.0  # 0: no clipping
+    grad_accum: int = 1  # microbatches per step
+    z_loss: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # global, in sequences
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    nan_policy: str = "stop"  # stop | skip
+    peak_flops: float = 0.0  # per device; 0: measured once by a matmul probe
+    sample_prompts: list[str] = dataclasses.field(
+        default_factory=lambda: ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n"]
+    )
+    wandb: bool = False
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    max_new_tokens: int = 96
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop: list[str] = dataclasses.field(default_factory=lambda: ["\ndef", "\nclass", "\nif __name__"])
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 3
+    resume: str = "auto"  # auto | never
+    async_save: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    name: str = "tiny"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots_saveable"),
+    "model.attention": ("xla", "cudnn", "auto"),
+    "data.source": ("stdlib", "files", "datasets"),
+    "data.pack": ("first_fit", "best_fit"),
+    "optim.schedule": ("cosine", "linear", "wsd", "constant"),
+    "train.nan_policy": ("stop", "skip"),
+    "checkpoint.resume": ("auto", "never"),
+}
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += _all_keys(f.default_factory, name + ".")
+        else:
+            keys.append(name)
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    keys = _all_keys()
+    section = key.split(".", 1)[0] + "."
+    same_section = [k for k in keys if k.startswith(section)]
+    near = difflib.get_close_matches(key, same_section or keys, n=3, cutoff=0.0)
+    return ConfigError(f"unknown config key '{key}'; nearest valid keys: {', '.join(near)}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a YAML value or override string to the field's declared type, or fail naming the key."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item_t,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(key, v, item_t) for v in value]
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if typ is int:
+            if isinstance(value, bool) or not float(value).is_integer():
+                raise TypeError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if typ is str:
+            return value if isinstance(value, str) else str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {value!r}")
+
+
+def _apply(obj: Any, key: str, value: Any) -> None:
+    """Set dotted `key` on the nested dataclass `obj`, typed by the field."""
+    *path, leaf = key.split(".")
+    target = obj
+    for part in path:
+        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
+            raise _unknown_key(key)
+        target = getattr(target, part)
+    fields = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
+    if leaf not in fields:
+        raise _unknown_key(key)
+    hints = typing.get_type_hints(type(target))
+    typ = hints[leaf]
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section; give its keys, e.g. {key}.<name>=...")
+        for k, v in value.items():
+            _apply(obj, f"{key}.{k}", v)
+        return
+    setattr(target, leaf, _coerce(key, value, typ))
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and prefix + str(k) != "":
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100)")
+        k, v = item.split("=", 1)
+        pairs.append((k.strip(), v))
+    return pairs
+
+
+def from_dict(d: dict[str, Any], overrides: list[str] = ()) -> Config:
+    """Build a Config from nested dict values plus `key=value` overrides (overrides win)."""
+    cfg = Config()
+    for key, value in _flatten(d):
+        _apply(cfg, key, value)
+    for key, value in parse_overrides(list(overrides)):
+        _apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), num_devices: int | None = None) -> Config:
+    """Load a YAML config (or the defaults when `path` is None), apply overrides, validate.
+
+    With `num_devices`, the mesh is also checked against the device count.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (pass an existing YAML, e.g. configs/tiny.yaml)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {p} is not valid YAML{where}; fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (model:, train:, ...)")
+        raw.setdefault("name", p.stem)
+    cfg = from_dict(raw, overrides)
+    if num_devices is not None:
+        check_batch(cfg, num_devices)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check cross-field constraints; raise one ConfigError naming the first problem and the fix."""
+    m = cfg.model
+    for key, choices in _CHOICES.items():
+        section, leaf = key.split(".")
+        value = getattr(getattr(cfg, section), leaf)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads,
+        "model.d_ff": m.d_ff, "model.max_seq_len": m.max_seq_len, "data.seq_len": cfg.data.seq_len,
+        "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+        "train.log_every": cfg.train.log_every, "train.eval_every": cfg.train.eval_every,
+        "optim.grad_accum": cfg.optim.grad_accum, "checkpoint.every": cfg.checkpoint.every,
+        "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive; got {value}")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads}); "
+            f"pick n_kv_heads from {[d for d in range(1, m.n_heads + 1) if m.n_heads % d == 0]}")
+    if m.head_dim == 0:
+        if m.d_model % m.n_heads:
+            raise ConfigError(
+                f"model.d_model ({m.d_model}) must equal n_heads*head_dim: it is not divisible by "
+                f"model.n_heads ({m.n_heads}); change one, or set model.head_dim explicitly")
+        m.head_dim = m.d_model // m.n_heads
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim must be even for rotary embeddings; got {m.head_dim}")
+    if m.rope_theta <= 0 or m.norm_eps <= 0:
+        raise ConfigError("model.rope_theta and model.norm_eps must be positive")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); "
+            "lower data.seq_len or raise model.max_seq_len")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive; got {cfg.optim.lr}")
+    if not 0.0 <= cfg.data.pair_ratio <= 1.0 or not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError("data.pair_ratio must be in [0, 1] and data.val_fraction in [0, 1)")
+    for axis in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, axis)
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{axis} must be a positive size or -1 (the rest); got {v}")
+    if sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "tensor")) > 1:
+        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    batch_shards = max(cfg.mesh.data, 1) * max(cfg.mesh.fsdp, 1)
+    if cfg.train.batch_size % (batch_shards * cfg.optim.grad_accum):
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by mesh.data*mesh.fsdp "
+            f"({batch_shards}) times optim.grad_accum ({cfg.optim.grad_accum})")
+
+
+def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Resolve -1 and check that data*fsdp*tensor equals the device count."""
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    known = math.prod(v for v in sizes.values() if v != -1)
+    free = [k for k, v in sizes.items() if v == -1]
+    if free:
+        if num_devices % known:
+            raise ConfigError(
+                f"mesh {sizes} cannot fill {num_devices} devices: {num_devices} is not divisible by {known}")
+        sizes[free[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ConfigError(
+            f"mesh data*fsdp*tensor = {math.prod(sizes.values())} but there are {num_devices} devices; "
+            "set the sizes to multiply to the device count, or one of them to -1")
+    return sizes
+
+
+def batch_shards(cfg: Config, num_devices: int) -> int:
+    sizes = mesh_shape(cfg.mesh, num_devices)
+    return sizes["data"] * sizes["fsdp"]
+
+
+def check_batch(cfg: Config, num_devices: int) -> None:
+    """The batch must split evenly over the resolved data*fsdp axes (and microbatches)."""
+    shards = batch_shards(cfg, num_devices)
+    if cfg.train.batch_size % (shards * cfg.optim.grad_accum):
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by mesh.data*mesh.fsdp ({shards}) "
+            f"times optim.grad_accum ({cfg.optim.grad_accum}) on {num_devices} devices")
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from a saved dict (unknown keys fail with the nearest names)."""
+    return from_dict({"model": d}).model
+

@@ -1,0 +1,292 @@
+"""The Llama-family decoder in Flax NNX: the same function as HF transformers' `LlamaForCausalLM`.
+
+Read top to bottom: RMSNorm → RoPE → attention (segment-aware causal mask, optional KV cache) →
+SwiGLU MLP → Block → Decoder. One module serves training (packed rows with segment ids and positions)
+and decoding (prefill writes the cache, one-token steps read it). Shape suffixes: b batch, t query
+length, s key length, d model, h heads, g kv heads, k head dim, f mlp, v vocab, l layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from codegen_jax.config import ModelConfig
+from codegen_jax.sharding import constrain
+
+Cache = dict[str, jax.Array]  # k_lbsgk, v_lbsgk, segment_ids_bs, index (slots written so far)
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype: Any,
+           std: float | None = 0.02) -> nnx.Param:
+    """A parameter with logical axis names; `std=None` gives ones (norm scales), 0.0 zeros (biases)."""
+    if std is None:
+        value = jnp.ones(shape, dtype)
+    elif std == 0.0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+    """y = weight * x / rms(x), normalized in fp32 and cast back before the scale (as HF does)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: Any, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (dim,), ("norm",), param_dtype, std=None)
+        self.eps = eps
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        x32 = x_btd.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x_btd.dtype) * x32.astype(x_btd.dtype)
+
+
+def rope(x_bthk: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in HF's rotate-half layout (first half / second half, not interleaved)."""
+    k = x_bthk.shape[-1]
+    inv_freq_k2 = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+    freqs_btk2 = positions_bt.astype(jnp.float32)[..., None] * inv_freq_k2
+    angles_btk = jnp.concatenate([freqs_btk2, freqs_btk2], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles_btk).astype(x_bthk.dtype), jnp.sin(angles_btk).astype(x_bthk.dtype)
+    x1, x2 = jnp.split(x_bthk, 2, axis=-1)
+    return x_bthk * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention_mask(seg_q_bt: jax.Array, seg_k_bs: jax.Array, slot_q_bt: jax.Array,
+                   slot_k_bs: jax.Array) -> jax.Array:
+    """[b, 1, t, s] bool: same segment (packed documents never mix, empty cache slots hold 0) and causal
+    by slot index (a row's slots are in time order, also with left padding)."""
+    same = seg_q_bt[:, :, None] == seg_k_bs[:, None, :]
+    causal = slot_q_bt[:, :, None] >= slot_k_bs[:, None, :]
+    return (same & causal)[:, None, :, :]
+
+
+def dot_product_attention(q_bthk, k_bsgk, v_bsgk, mask_b1ts, impl: str) -> jax.Array:
+    """Grouped-query attention; `impl` picks XLA (CPU, TPU) or cuDNN's fused kernel (GPU)."""
+    implementation = {"xla": "xla", "cudnn": "cudnn", "auto": None}[impl]
+    return jax.nn.dot_product_attention(q_bthk, k_bsgk, v_bsgk, mask=mask_b1ts,
+                                        implementation=implementation)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, g, k, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
+        self.w_q_dhk = _param(rngs, (d, h, k), ("embed", "heads", "head_dim"), pd)
+        self.w_k_dgk = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
+        self.w_v_dgk = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
+        self.w_o_hkd = _param(rngs, (h, k, d), ("heads", "head_dim", "embed"), pd)
+        if cfg.attention_bias:
+            self.b_q_hk = _param(rngs, (h, k), ("heads", "head_dim"), pd, std=0.0)
+            self.b_k_gk = _param(rngs, (g, k), ("kv_heads", "head_dim"), pd, std=0.0)
+            self.b_v_gk = _param(rngs, (g, k), ("kv_heads", "head_dim"), pd, std=0.0)
+        self.cfg = cfg
+
+    def _project(self, x_btd, w, b_name):
+        y = jnp.einsum("btd,dhk->bthk", x_btd, w[...].astype(x_btd.dtype))
+        if self.cfg.attention_bias:
+            y = y + getattr(self, b_name)[...].astype(x_btd.dtype)
+        return y
+
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, cache_kv=None, cache_seg_bs=None,
+                 index=None):
+        """Returns (out_btd, (k_bsgk, v_bsgk)): the new cache for this layer, or None without one."""
+        cfg = self.cfg
+        q_bthk = rope(self._project(x_btd, self.w_q_dhk, "b_q_hk"), positions_bt, cfg.rope_theta)
+        k_btgk = rope(self._project(x_btd, self.w_k_dgk, "b_k_gk"), positions_bt, cfg.rope_theta)
+        v_btgk = self._project(x_btd, self.w_v_dgk, "b_v_gk")
+        q_bthk = constrain(q_bthk, "batch", "length", "heads", None)
+        t = x_btd.shape[1]
+        if cache_kv is None:  # training / full forward: keys are the queries' own row
+            slots_bt = jnp.broadcast_to(jnp.arange(t), segment_ids_bt.shape)
+            mask = attention_mask(segment_ids_bt, segment_ids_bt, slots_bt, slots_bt)
+            new_kv, k_bsgk, v_bsgk = None, k_btgk, v_btgk
+        else:  # decode: write this chunk at slot `index`, attend over the whole cache
+            k_cache, v_cache = cache_kv
+            k_bsgk = jax.lax.dynamic_update_slice_in_dim(k_cache, k_btgk.astype(k_cache.dtype), index, 1)
+            v_bsgk = jax.lax.dynamic_update_slice_in_dim(v_cache, v_btgk.astype(v_cache.dtype), index, 1)
+            s = k_bsgk.shape[1]
+            slots_q_bt = jnp.broadcast_to(index + jnp.arange(t), segment_ids_bt.shape)
+            slots_k_bs = jnp.broadcast_to(jnp.arange(s), cache_seg_bs.shape)
+            mask = attention_mask(segment_ids_bt, cache_seg_bs, slots_q_bt, slots_k_bs)
+            new_kv = (k_bsgk, v_bsgk)
+            k_bsgk, v_bsgk = k_bsgk.astype(x_btd.dtype), v_bsgk.astype(x_btd.dtype)
+        o_bthk = dot_product_attention(q_bthk, k_bsgk, v_bsgk, mask, cfg.attention)
+        out_btd = jnp.einsum("bthk,hkd->btd", o_bthk, self.w_o_hkd[...].astype(x_btd.dtype))
+        return out_btd, new_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
+        self.w_gate_df = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.w_up_df = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), pd)
+
+    def __call__(self, x_btd):
+        dt = x_btd.dtype
+        gate_btf = jax.nn.silu(x_btd @ self.w_gate_df[...].astype(dt))
+        h_btf = constrain(gate_btf * (x_btd @ self.w_up_df[...].astype(dt)), "batch", "length", "mlp")
+        return h_btf @ self.w_down_fd[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, cache_kv=None, cache_seg_bs=None, index=None):
+        h_btd, new_kv = self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt, cache_kv,
+                                  cache_seg_bs, index)
+        x_btd = x_btd + h_btd
+        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+        return constrain(x_btd, "batch", "length", "act_embed"), new_kv
+
+
+def _run_block(graphdef, state, x_btd, positions_bt, segment_ids_bt, cache_kv, cache_seg_bs, index):
+    """A Block as a pure function of its state (what scan and remat need)."""
+    return nnx.merge(graphdef, state)(x_btd, positions_bt, segment_ids_bt, cache_kv, cache_seg_bs, index)
+
+
+class Decoder(nnx.Module):
+    """Token embedding → n_layers Blocks (scanned or a list) → final RMSNorm → LM head (or tied)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, v, pd = cfg.d_model, cfg.vocab_size, cfg.param_dtype
+        self.embed_vd = _param(rngs, (v, d), ("vocab", "embed"), pd)
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs):
+                return Block(cfg, rngs)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(d, cfg.norm_eps, pd, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head_dv = _param(rngs, (d, v), ("embed", "vocab"), pd)
+
+    def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
+                 segment_ids_bt: jax.Array | None = None, cache: Cache | None = None,
+                 last_only: bool = False) -> tuple[jax.Array, Cache | None]:
+        """Logits [b, t, v] in fp32 ([b, 1, v] with `last_only`), and the updated cache when one is given.
+
+        `segment_ids_bt` (0 = padding) defaults to one segment per row and `positions_bt` to 0..t-1.
+        """
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones_like(tokens_bt)
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        x_btd = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(dt)
+        x_btd = constrain(x_btd, "batch", "length", "act_embed")
+        index = cache_seg_bs = None
+        if cache is not None:
+            index = cache["index"]
+            cache_seg_bs = jax.lax.dynamic_update_slice_in_dim(
+                cache["segment_ids"], segment_ids_bt.astype(cache["segment_ids"].dtype), index, 1)
+        x_btd, kv = self._run_layers(x_btd, positions_bt, segment_ids_bt, cache, cache_seg_bs, index)
+        if last_only:  # prefill needs the last position only; all [b, t, v] fp32 logits can be GBs
+            x_btd = x_btd[:, -1:]
+        x_btd = self.final_norm(x_btd)
+        w_dv = self.embed_vd[...].T if cfg.tie_embeddings else self.lm_head_dv[...]
+        logits_btv = jnp.einsum("btd,dv->btv", x_btd, w_dv.astype(dt)).astype(jnp.float32)
+        logits_btv = constrain(logits_btv, "batch", "length", "vocab")
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": kv[0], "v": kv[1], "segment_ids": cache_seg_bs,
+                         "index": index + tokens_bt.shape[1]}
+        return logits_btv, new_cache
+
+    def _run_layers(self, x_btd, positions_bt, segment_ids_bt, cache, cache_seg_bs, index):
+        remat = self.cfg.remat
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+            fn = functools.partial(_run_block, graphdef)
+            if remat != "none":
+                fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[remat])
+
+            def body(x, layer):
+                state_l, kv_l = layer
+                x, new_kv = fn(state_l, x, positions_bt, segment_ids_bt, kv_l, cache_seg_bs, index)
+                return x, new_kv
+
+            kv_in = None if cache is None else (cache["k"], cache["v"])
+            x_btd, kv_out = jax.lax.scan(body, x_btd, (state, kv_in))
+            return x_btd, kv_out
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            graphdef, state = nnx.split(block)
+            fn = functools.partial(_run_block, graphdef)
+            if remat != "none":
+                fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[remat])
+            kv_l = None if cache is None else (cache["k"][i], cache["v"][i])
+            x_btd, new_kv = fn(state, x_btd, positions_bt, segment_ids_bt, kv_l, cache_seg_bs, index)
+            if new_kv is not None:
+                ks.append(new_kv[0])
+                vs.append(new_kv[1])
+        return x_btd, ((jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+    """An empty KV cache: every slot's segment id is 0, so nothing attends to it until written."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.array(0, jnp.int32)}
+
+
+def create_model(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> Decoder:
+    """A randomly initialised Decoder whose parameters are created already sharded on `mesh`
+    (inside one jit with out_shardings, so no device or host ever holds a full unsharded copy)."""
+    from codegen_jax.sharding import state_shardings
+
+    def make() -> Decoder:
+        return Decoder(cfg, nnx.Rngs(params=seed))
+
+    with nnx.use_eager_sharding(False):
+        graphdef, abs_state = nnx.split(nnx.eval_shape(make))
+        shardings = state_shardings(abs_state, mesh) if mesh is not None else None
+        state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """GraphDef and shape-only State of a Decoder (no memory allocated): for restore and planning."""
+    with nnx.use_eager_sharding(False):
+        return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0))))
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Analytic parameter count (the tests check it against the real model)."""
+    d, h, g, k, f, v, n = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                           cfg.vocab_size, cfg.n_layers)
+    attn = d * h * k * 2 + d * g * k * 2 + ((h + 2 * g) * k if cfg.attention_bias else 0)
+    per_layer = attn + 3 * d * f + 2 * d
+    return v * d + n * per_layer + d + (0 if cfg.tie_embeddings else d * v)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token: 2 per matmul weight (embedding lookup excluded) plus attention's two
+    [t, s] matmuls counted over the causal half, as MaxText does; training is 3x forward."""
+    d, h, g, k, f, v, n = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                           cfg.vocab_size, cfg.n_layers)
+    matmul_params = n * (d * h * k * 2 + d * g * k * 2 + 3 * d * f) + d * v
+    attention = n * 2 * 2 * h * k * seq_len / 2
+    forward = 2 * matmul_params + attention
+    return 3 * forward if training else forward

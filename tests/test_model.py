@@ -1,0 +1,157 @@
+"""The decoder: causality, segment-aware packing, KV cache, scan == loop, param count, HF parity."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from codegen_jax.config import load_config
+from codegen_jax.model import create_model, flops_per_token, init_cache, param_count
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def model_and_cfg():
+    cfg = tiny_config().model
+    return create_model(cfg, seed=0), cfg
+
+
+def _tokens(shape, vocab=101, seed=0):
+    return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, shape), jnp.int32)
+
+
+def test_causality(model_and_cfg):
+    model, _ = model_and_cfg
+    tokens = _tokens((2, 16))
+    base, _ = model(tokens)
+    for t in (0, 7, 14):
+        changed = tokens.at[:, t + 1].set((tokens[:, t + 1] + 1) % 101)
+        logits, _ = model(changed)
+        np.testing.assert_array_equal(np.asarray(logits[:, : t + 1]), np.asarray(base[:, : t + 1]))
+        assert not np.allclose(np.asarray(logits[:, t + 1]), np.asarray(base[:, t + 1]))
+
+
+def test_packed_segments_equal_separate_runs(model_and_cfg):
+    model, _ = model_and_cfg
+    a, b = _tokens((1, 9), seed=1), _tokens((1, 6), seed=2)
+    packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
+    seg = jnp.array([[1] * 9 + [2] * 6 + [0] * 3])
+    pos = jnp.array([list(range(9)) + list(range(6)) + [0] * 3])
+    logits, _ = model(packed, pos, seg)
+    la, _ = model(a)
+    lb, _ = model(b)
+    np.testing.assert_allclose(np.asarray(logits[0, :9]), np.asarray(la[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits[0, 9:15]), np.asarray(lb[0]), atol=1e-5)
+
+
+def test_kv_cache_prefill_and_steps_equal_full_forward(model_and_cfg):
+    model, cfg = model_and_cfg
+    tokens = _tokens((3, 20), seed=3)
+    full, _ = model(tokens)
+    cache = init_cache(cfg, 3, 32)
+    logits, cache = model(tokens[:, :12], cache=cache)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, :12]), atol=1e-5)
+    for t in range(12, 20):
+        step, cache = model(tokens[:, t:t + 1], jnp.full((3, 1), t), cache=cache)
+        np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full[:, t]), atol=1e-5)
+    assert int(cache["index"]) == 20
+
+
+def test_left_padded_cache_equals_unpadded():
+    cfg = tiny_config().model
+    model = create_model(cfg, seed=4)
+    tokens = _tokens((1, 7), seed=5)
+    ref, _ = model(tokens)
+    padded = jnp.concatenate([jnp.zeros((1, 5), jnp.int32), tokens], axis=1)
+    seg = jnp.array([[0] * 5 + [1] * 7])
+    pos = jnp.array([[0] * 5 + list(range(7))])
+    logits, _ = model(padded, pos, seg, cache=init_cache(cfg, 1, 16))
+    np.testing.assert_allclose(np.asarray(logits[0, 5:]), np.asarray(ref[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scan_and_loop_layers_agree(remat):
+    cfg_scan = tiny_config(f"model.remat={remat}").model
+    cfg_loop = tiny_config("model.scan_layers=false").model
+    scan, loop = create_model(cfg_scan, seed=6), create_model(cfg_loop, seed=7)
+    # copy the stacked weights into the per-layer modules so both hold the same function
+    stacked = nnx.state(scan).to_pure_dict()
+    per_layer = nnx.state(loop).to_pure_dict()
+    for i in range(cfg_scan.n_layers):
+        per_layer["blocks"][i] = jax.tree.map(lambda x: x[i], stacked["blocks"])
+    for k in ("embed_vd", "final_norm", "lm_head_dv"):
+        per_layer[k] = stacked[k]
+    state = nnx.state(loop)
+    nnx.replace_by_pure_dict(state, per_layer)
+    nnx.update(loop, state)
+    tokens = _tokens((2, 12), seed=8)
+    # same function; XLA fuses a scan body and an unrolled loop differently, so allow fp32 rounding
+    np.testing.assert_allclose(np.asarray(scan(tokens)[0]), np.asarray(loop(tokens)[0]), rtol=0, atol=1e-6)
+
+
+def test_remat_gradients_match():
+    tokens = _tokens((2, 12), seed=9)
+
+    def loss(model):
+        return model(tokens)[0].mean()
+
+    grads = {}
+    for remat in ("none", "full", "dots_saveable"):
+        model = create_model(tiny_config(f"model.remat={remat}").model, seed=10)
+        grads[remat] = nnx.grad(loss)(model)
+    for remat in ("full", "dots_saveable"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+                     nnx.state(grads["none"]), nnx.state(grads[remat]))
+
+
+def test_bf16_compute_keeps_fp32_params():
+    cfg = tiny_config("model.dtype=bfloat16").model
+    model = create_model(cfg, seed=0)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model)))
+    logits, _ = model(_tokens((1, 8)))
+    ref, _ = create_model(tiny_config().model, seed=0)(_tokens((1, 8)))
+    assert logits.dtype == jnp.float32
+    assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.1
+
+
+@pytest.mark.parametrize("name,overrides", [("tiny", []), ("small", []), ("tiny", ["model.tie_embeddings=true"]),
+                                            ("tiny", ["model.attention_bias=true"])])
+def test_param_count_matches_model(name, overrides):
+    cfg = load_config(f"configs/{name}.yaml", overrides).model
+    from codegen_jax.model import abstract_model
+
+    _, state = abstract_model(cfg)
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) == param_count(cfg)
+
+
+def test_flops_per_token():
+    cfg = load_config("configs/small.yaml").model
+    n = param_count(cfg) - cfg.vocab_size * cfg.d_model  # the embedding lookup is not a matmul
+    attn = cfg.n_layers * 2 * 2 * cfg.n_heads * cfg.head_dim * 1024 / 2
+    assert flops_per_token(cfg, 1024) == pytest.approx(3 * (2 * (n - (2 * cfg.n_layers + 1) * cfg.d_model)
+                                                             + attn))
+    assert flops_per_token(cfg, 1024, training=False) == pytest.approx(flops_per_token(cfg, 1024) / 3)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_logits_equal_hf_llama(scan):
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from codegen_jax.hf import to_hf_state_dict
+
+    cfg = tiny_config(f"model.scan_layers={scan}", "model.rope_theta=500000").model
+    model = create_model(cfg, seed=11)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len))
+    sd = to_hf_state_dict(nnx.state(model).to_pure_dict(), cfg)
+    hf.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, strict=True)
+    tokens = np.random.RandomState(12).randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        ref = hf.eval()(torch.from_numpy(tokens)).logits.numpy()
+    ours, _ = model(jnp.asarray(tokens))
+    assert np.abs(np.asarray(ours) - ref).max() < 1e-5
