@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -29,17 +31,11 @@ class _IteratorSnapshot:
     """The iterator state frozen at save time. Orbax may run grain's handler after the training loop
     has already pulled the next batch (async saves), so the live iterator must not be read then."""
 
-    def __init__(self, state: bytes | None = None):
+    def __init__(self, state: bytes):
         self.state = state
 
     def get_state(self) -> bytes:
         return self.state
-
-    def set_state(self, state: bytes) -> None:
-        self.state = state
-
-    def start_prefetch(self) -> None:  # called by grain's restore; nothing to prefetch here
-        pass
 
 
 def iterator_state(iterator: Any) -> bytes:
@@ -104,6 +100,20 @@ def resolve(path: str | Path) -> tuple[Path, int | None]:
     raise UserError(f"{path} holds no checkpoint (expected WORKDIR/checkpoints/<step>/ with a meta item)")
 
 
+def _read_data_state(directory: Path) -> bytes:
+    """This process's iterator state, in the per-process files grain's CheckpointHandler writes.
+
+    Every process iterates the same global stream and slices its rows at the end (data/pipeline.py),
+    so the states are equal and a checkpoint written by K processes restores in any other number."""
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own.exists():
+        return own.read_text().encode()
+    others = sorted(directory.glob("process_0-of-*.json"))
+    if not others:
+        raise FileNotFoundError(f"no data iterator state in {directory}")
+    return others[0].read_text().encode()
+
+
 def _abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
@@ -123,30 +133,52 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 
 def restore(mngr: ocp.CheckpointManager, *, abstract: dict[str, Any], data_iterator: Any = None,
-            step: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+            step: int | None = None, validate: Callable[[dict], None] | None = None
+            ) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
     """Restore the latest complete step (or `step`): returns (step, restored items, meta), or None when
     there is nothing to restore. A latest step that fails to load is skipped with a warning and the one
-    before it used. `abstract` maps item names ('params', 'opt_state') to their abstract targets."""
+    before it used. `abstract` maps item names ('params', 'opt_state') to their abstract targets;
+    `validate(meta)` may refuse a step (raising UserError) before any array is read."""
     steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
     for s in steps:
         try:
             meta = read_meta(mngr, s)
+            if validate is not None:
+                validate(meta)
             items = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
-            holder = _IteratorSnapshot()
-            if data_iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(holder)
             out = mngr.restore(s, args=ocp.args.Composite(**items))
+            data_state = _read_data_state(Path(mngr.directory) / str(s) / "data") if data_iterator else None
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - any unreadable step is skipped, never fatal
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             if step is not None:
-                raise UserError(f"checkpoint step {s} in {mngr.directory} cannot be restored: "
-                                f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-            log.warning("checkpoint step %s is unreadable (%s: %s); trying the previous one",
-                        s, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                raise UserError(f"checkpoint step {s} in {mngr.directory} cannot be restored: {reason}") from None
+            log.warning("checkpoint step %s is unreadable (%s); trying the previous one", s, reason)
             continue
         if data_iterator is not None:
-            set_iterator_state(data_iterator, holder.state)
+            set_iterator_state(data_iterator, data_state)
         return s, {k: out[k] for k in abstract}, meta
     return None
+
+
+def quarantine_newer(mngr: ocp.CheckpointManager, step: int) -> list[Path]:
+    """Move unreadable steps newer than the restored `step` to `checkpoints_unreadable/`: training
+    will write those step numbers again, and the broken files stay for inspection, never deleted."""
+    moved = []
+    root = Path(mngr.directory)
+    for s in sorted(x for x in mngr.all_steps() if x > step):
+        if jax.process_index() == 0:
+            dest = root.parent / "checkpoints_unreadable" / f"{s}-{int(time.time())}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(root / str(s)), dest)
+            log.warning("moved unreadable checkpoint step %s to %s", s, dest)
+            moved.append(dest)
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("codegen_jax_quarantine")
+    mngr.reload()
+    return moved
 
 
 def config_from_meta(meta: dict[str, Any]) -> Config:
@@ -156,28 +188,35 @@ def config_from_meta(meta: dict[str, Any]) -> Config:
         raise UserError(f"checkpoint config cannot be read: {e}") from None
 
 
-def load_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None
-                   ) -> tuple[Config, Any, Any, int]:
-    """(config, model, tokenizer, step) from a run dir or step dir, params sharded on `mesh` (default:
-    all devices on the data axis; any mesh works, whatever mesh the checkpoint was written on)."""
-    from codegen_jax.data.tokenizer import load_tokenizer
-    from codegen_jax.model import abstract_model
+def load_params(path: str | Path, mesh: jax.sharding.Mesh | None = None
+                ) -> tuple[Config, Any, dict[str, Any], int]:
+    """(config, params pure dict sharded on `mesh`, meta, step) from a run dir or step dir, without
+    building a model. Default mesh: all devices on the data axis; any mesh works, whatever mesh the
+    checkpoint was written on (Orbax reshards on restore)."""
     from codegen_jax.sharding import make_mesh
 
     root, step = resolve(path)
     mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
+    step = mngr.latest_step() if step is None else step
     if step is None:
-        step = mngr.latest_step()
-        if step is None:
-            raise UserError(f"no complete checkpoint under {root}")
+        raise UserError(f"no complete checkpoint under {root}")
     meta = read_meta(mngr, step)
     cfg = config_from_meta(meta)
-    if mesh is None:
-        mesh = make_mesh({"data": jax.device_count(), "fsdp": 1, "tensor": 1})
-    restored = restore(mngr, abstract={"params": abstract_params(cfg, mesh)}, step=step)
-    graphdef, abs_state = abstract_model(cfg.model)
-    nnx.replace_by_pure_dict(abs_state, restored[1]["params"])
-    model = nnx.merge(graphdef, abs_state)
+    mesh = mesh or make_mesh({"data": jax.device_count(), "fsdp": 1, "tensor": 1})
+    _, items, _ = restore(mngr, abstract={"params": abstract_params(cfg, mesh)}, step=step)
+    mngr.close()
+    return cfg, items["params"], meta, step
+
+
+def load_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None
+                   ) -> tuple[Config, Any, Any, int]:
+    """(config, model, tokenizer, step) from a run dir or step dir, params sharded on `mesh`."""
+    from codegen_jax.data.tokenizer import load_tokenizer
+    from codegen_jax.model import abstract_model
+
+    cfg, params, meta, step = load_params(path, mesh)
+    graphdef, _ = abstract_model(cfg.model)
+    model = nnx.merge(graphdef, params)
     tok_dir = materialize_tokenizer(meta["tokenizer"], tempfile.mkdtemp(prefix="codegen_jax_tok_"))
     return cfg, model, load_tokenizer(tok_dir), step
 

@@ -21,6 +21,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from codegen_jax import checkpoint as ckpt
 from codegen_jax import hf_io
 from codegen_jax.config import ModelConfig
 from codegen_jax.errors import UserError
@@ -268,7 +269,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32", *
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}; got {dtype!r}")
     out = Path(out)
     hf_io.check_empty_out(out, "--out")
-    cfg, params, meta = hf_io.restore_params(checkpoint, mesh)
+    cfg, params, meta, _ = ckpt.load_params(checkpoint, mesh)
     m = cfg.model
     np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
     specs = []

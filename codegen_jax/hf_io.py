@@ -224,27 +224,6 @@ def read_hf_config(hf_dir: Path) -> dict:
 # Our checkpoints
 
 
-def restore_params(checkpoint: str | Path, mesh: Any) -> tuple[Any, Any, dict]:
-    """(config, params pure dict sharded on `mesh`, meta) of a checkpoint, without building a model."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from codegen_jax.checkpoint import abstract_params, config_from_meta, read_meta, resolve, restore
-    from codegen_jax.sharding import make_mesh
-
-    root, step = resolve(checkpoint)
-    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise UserError(f"no complete checkpoint under {root}")
-    meta = read_meta(mngr, step)
-    cfg = config_from_meta(meta)
-    mesh = mesh or make_mesh({"data": jax.device_count(), "fsdp": 1, "tensor": 1})
-    _, items, _ = restore(mngr, abstract={"params": abstract_params(cfg, mesh)}, step=step)
-    mngr.close()
-    return cfg, items["params"], meta
-
-
 def write_tokenizer(meta: dict[str, Any], out_dir: Path) -> Any:
     """The checkpoint's tokenizer files (our CodeTokenizer saves AutoTokenizer-loadable ones), set to
     put BOS first as `codegen-jax generate` does; returns the loaded tokenizer."""
