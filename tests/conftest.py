@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,51 @@ def run_with_devices(code: str, n_devices: int = 8, timeout: int = 600) -> str:
                           env=env, timeout=timeout)
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
+
+
+# ---- data fixtures (tests/test_data_*.py, test_tokenizer.py, test_pipeline.py) ----
+
+_FUNC = '''
+def {name}(x, y={i}):
+    """Return {name} of x and y, scaled by {i}.
+
+    Used by the tests as a docstring -> code pair.
+    """
+    total = x * {i} + y
+    for k in range({i}):
+        total += k
+    return total
+'''
+
+
+def _python_file(n_funcs: int, seed: int) -> str:
+    body = "".join(_FUNC.format(name=f"func_{seed}_{i}", i=i + seed) for i in range(n_funcs))
+    return f'"""Module {seed} of the synthetic test corpus."""\nimport os\n{body}'
+
+
+def write_code_corpus(root: Path, n_files: int = 24) -> Path:
+    """A small tree of Python files (sizes vary from one to many functions) plus non-Python files."""
+    src = root / "corpus"
+    (src / "pkg").mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        sub = src / "pkg" if i % 3 == 0 else src
+        (sub / f"mod_{i}.py").write_text(_python_file(1 + (i * 7) % 13, i))
+    (src / "README.md").write_text("# not python\n")
+    (src / "pkg" / "notes.txt").write_text("plain notes\n")
+    return src
+
+
+@pytest.fixture(scope="session")
+def code_corpus(tmp_path_factory) -> Path:
+    """Directory of synthetic Python files (read-only for tests: copy before changing it)."""
+    return write_code_corpus(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(code_corpus):
+    """A 512-token byte-level BPE trained on the synthetic corpus plus a little stdlib."""
+    from codegen_jax.data.tokenizer import train_tokenizer
+
+    texts = [p.read_text() for p in sorted(code_corpus.rglob("*.py"))]
+    texts.append(Path(textwrap.__file__).read_text())
+    return train_tokenizer(texts, 512)

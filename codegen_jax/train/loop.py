@@ -1,0 +1,274 @@
+"""The training loop: set up (mesh, tokenizer, data, model, optimizer), restore or init, run steps,
+evaluate, checkpoint, handle preemption, and print generated samples at the end.
+
+Exact resume: a checkpoint holds params, optimizer state, step and the grain iterator state taken
+after the same step, and nothing in a step is random, so a run killed at any point and restarted with
+the same command continues with bit-identical losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from codegen_jax import checkpoint as ckpt
+from codegen_jax import distributed
+from codegen_jax.config import Config, check_batch, mesh_shape
+from codegen_jax.data.pipeline import make_iterator
+from codegen_jax.data.tokenizer import get_tokenizer
+from codegen_jax.errors import UserError
+from codegen_jax.model import create_model, flops_per_token
+from codegen_jax.sharding import global_batch, make_mesh, state_shardings
+from codegen_jax.train.metrics import MetricsWriter, peak_flops
+from codegen_jax.train.optim import make_optimizer, schedule
+from codegen_jax.train.step import TrainState, make_eval_step, make_train_step
+
+
+def train_cli(cfg: Config, args: Any) -> None:
+    """`codegen-jax train`: join the other processes if any, then train."""
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    train(cfg, workdir=args.workdir, init_from=args.init_from)
+
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and stops."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _opt_shardings(abstract_opt: Any, params_sh: Any, mesh) -> Any:
+    """Optimizer-state shardings: a leaf that mirrors a parameter (Adam's mu, nu) is sharded like it,
+    anything else (step counters) is replicated."""
+    by_path = {tuple(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sh)[0]}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        path = tuple(path)
+        for i in range(len(path)):
+            sh = by_path.get(path[i:])
+            if sh is not None and len(sh.spec) <= len(leaf.shape):
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def _check_model_compatible(saved: dict, cfg: Config, source: str) -> None:
+    """Resuming or initialising from a checkpoint of another model shape fails with the differences."""
+    shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                  "tie_embeddings", "attention_bias", "scan_layers")
+    diffs = [f"model.{k}: {saved['model'].get(k)} there, {getattr(cfg.model, k)} here"
+             for k in shape_keys if saved["model"].get(k) != getattr(cfg.model, k)]
+    if diffs:
+        raise UserError(f"{source} holds a different model ({'; '.join(diffs)}); use the same model "
+                        "settings or another --workdir")
+
+
+def _shared_tokenizer(cfg: Config, workdir: Path) -> Any:
+    """Process 0 trains (or loads) the tokenizer; the others wait, then load the one it saved."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return get_tokenizer(cfg, workdir)
+    tokenizer = get_tokenizer(cfg, workdir) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("codegen_jax_tokenizer")
+    return tokenizer or get_tokenizer(cfg, workdir)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop needs, built once by `_setup`."""
+
+    cfg: Config
+    workdir: Path
+    mesh: Any
+    tokenizer: Any
+    graphdef: Any
+    state: TrainState
+    state_sh: Any
+    train_step: Any
+    eval_step: Any
+    data: Any
+    mngr: Any
+    start_step: int
+
+
+def _setup(cfg: Config, workdir: Path, init_from: str | None) -> _Run:
+    check_batch(cfg, jax.device_count())
+    mesh = make_mesh(mesh_shape(cfg.mesh, jax.device_count()))
+    tokenizer = _shared_tokenizer(cfg, workdir)
+    data = make_iterator(cfg, tokenizer, split="train", process_index=jax.process_index(),
+                         process_count=jax.process_count())
+    model = create_model(cfg.model, mesh, seed=cfg.train.seed)
+    graphdef, params_state = nnx.split(model)
+    params = nnx.to_pure_dict(params_state)
+    params_sh = nnx.to_pure_dict(state_shardings(params_state, mesh))
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    opt_sh = _opt_shardings(jax.eval_shape(optimizer.init, params), params_sh, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+    replicated = NamedSharding(mesh, P())
+    state_sh = TrainState(replicated, params_sh, opt_sh)
+    state = TrainState(jax.device_put(np.int32(0), replicated), params, opt_state)
+    mngr = ckpt.manager(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    start = 0
+    abstract = {"params": ckpt.abstract_params(cfg, mesh),
+                "opt_state": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                          jax.eval_shape(optimizer.init, params), opt_sh)}
+    restored = None
+    if cfg.checkpoint.resume == "auto" and mngr.all_steps():
+        restored = ckpt.restore(mngr, abstract=abstract, data_iterator=data, validate=lambda meta:
+                                _check_model_compatible(meta["config"], cfg, f"checkpoint in {workdir}"))
+        if restored is None:  # starting over would overwrite them: refuse instead
+            raise UserError(f"no checkpoint in {workdir}/checkpoints can be restored (see the warnings "
+                            "above: a changed optimizer setup?); use another --workdir")
+    if restored is not None:
+        start, items, _ = restored
+        ckpt.quarantine_newer(mngr, start)
+        state = TrainState(jax.device_put(np.int32(start), replicated), items["params"], items["opt_state"])
+        print(f"resumed from step {start}")
+    elif init_from:
+        _, init_model, _, step = ckpt.load_inference(init_from, mesh)
+        src_params = nnx.to_pure_dict(nnx.state(init_model))
+        _check_model_compatible({"model": dataclasses.asdict(init_model.cfg)}, cfg, f"--init-from {init_from}")
+        state = TrainState(state.step, jax.device_put(src_params, params_sh), opt_state)
+        print(f"initialised params from {init_from} (step {step}); fresh optimizer")
+    token_bytes = jax.device_put(tokenizer.token_byte_lengths().astype(np.float32), replicated)
+    sched = schedule(cfg.optim, cfg.train.steps)
+    train_step = make_train_step(graphdef, optimizer, sched, mesh, state_sh, cfg.optim.grad_accum,
+                                 cfg.optim.z_loss, skip_nonfinite=cfg.train.nan_policy == "skip")
+    eval_step = make_eval_step(graphdef, mesh, params_sh, token_bytes)
+    return _Run(cfg, workdir, mesh, tokenizer, graphdef, state, state_sh, train_step, eval_step, data, mngr,
+                start)
+
+
+def evaluate(run: _Run) -> dict[str, float]:
+    """Loss and bits per byte over the first `train.eval_batches` batches of the validation split."""
+    cfg = run.cfg
+    it = make_iterator(cfg, run.tokenizer, split="validation", process_index=jax.process_index(),
+                       process_count=jax.process_count(), num_epochs=1)
+    totals = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+    for _, batch in zip(range(cfg.train.eval_batches), it):
+        out = run.eval_step(run.state.params, global_batch(batch, run.mesh))
+        for k in totals:
+            totals[k] += float(out[k])
+    if totals["tokens"] == 0:
+        return {}
+    return {"eval_loss": totals["nll_sum"] / totals["tokens"],
+            "eval_bpb": totals["nll_sum"] / math.log(2) / max(totals["bytes"], 1.0)}
+
+
+def _save(run: _Run, step: int) -> None:
+    ckpt.save(run.mngr, step, params=run.state.params, opt_state=run.state.opt_state, cfg=run.cfg,
+              tokenizer=run.tokenizer, data_iterator=run.data)
+
+
+def _prepare_workdir(cfg: Config, workdir: str | None) -> Path:
+    path = Path(workdir or f"runs/{cfg.name}")
+    if distributed.is_main():
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.yaml").write_text(cfg.to_yaml())
+    return path
+
+
+def _log_record(step: int, m: dict, window_s: float, window_steps: int, cfg: Config, peak: float) -> dict:
+    tokens_per_s = window_steps * cfg.train.batch_size * cfg.data.seq_len / max(window_s, 1e-9)
+    return {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+            "target_tokens": int(m["tokens"]), "tokens_per_s": tokens_per_s,
+            "step_time": window_s / max(window_steps, 1),
+            "mfu": tokens_per_s * flops_per_token(cfg.model, cfg.data.seq_len) / peak}
+
+
+def print_samples(run: _Run) -> list[str]:
+    """Greedy completions of `train.sample_prompts` with the trained weights."""
+    from codegen_jax.sample import Generator
+
+    model = nnx.merge(run.graphdef, run.state.params)
+    gen = Generator(model, run.tokenizer, run.cfg.model, mesh=run.mesh)
+    s = run.cfg.sample
+    prompts = run.cfg.train.sample_prompts
+    outs = gen.generate(prompts, max_new_tokens=s.max_new_tokens, temperature=0.0, stop=s.stop)
+    texts = [prompt + out[0].text for prompt, out in zip(prompts, outs)]
+    if distributed.is_main():
+        for text in texts:
+            print("-" * 60 + "\n" + text)
+        print("-" * 60)
+    return texts
+
+
+def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
+          samples: bool = True) -> dict[str, Any]:
+    """Train per `cfg` in `workdir` (resuming when it holds checkpoints); returns {step: loss} of the
+    steps this call ran and the final eval metrics."""
+    from tqdm import tqdm
+
+    path = _prepare_workdir(cfg, workdir)
+    run = _setup(cfg, path, init_from)
+    writer = MetricsWriter(path, distributed.is_main(), cfg.train.wandb, cfg.to_dict())
+    writer.truncate_after(run.start_step)
+    peak = peak_flops(cfg.train.peak_flops)
+    preempt = _Preemption()
+    losses: dict[int, float] = {}
+    last_eval: dict[str, float] = {}
+    last_saved = run.start_step
+    bar = tqdm(total=cfg.train.steps, initial=run.start_step, disable=not distributed.is_main(),
+               desc="train", dynamic_ncols=True)
+    window_start, window_steps = None, 0
+    try:
+        for step in range(run.start_step + 1, cfg.train.steps + 1):
+            batch = global_batch(next(run.data), run.mesh)
+            run.state, m = run.train_step(run.state, batch)
+            m = jax.device_get(m)  # one sync per step: a NaN is caught before it can be checkpointed
+            if not m["finite"] and cfg.train.nan_policy == "stop":
+                raise UserError(f"loss is not finite at step {step}; the last good checkpoint (step "
+                                f"{last_saved}) is intact; lower optim.lr or set train.nan_policy=skip")
+            losses[step] = float(m["loss"])
+            bar.update(1)
+            if window_start is None:  # the first step compiles: keep it out of the throughput window
+                window_start = time.perf_counter()
+            else:
+                window_steps += 1
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                record = _log_record(step, m, time.perf_counter() - window_start, window_steps, cfg, peak)
+                writer.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                mfu=f"{record['mfu']:.1%}")
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                last_eval = evaluate(run)
+                writer.write({"step": step, **last_eval})
+            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempt.signal:
+                _save(run, step)
+                last_saved = step
+            if step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0:
+                window_start, window_steps = time.perf_counter(), 0
+            if preempt.signal:
+                bar.write(f"received signal {preempt.signal}: saved checkpoint at step {step}; exiting")
+                break
+    finally:
+        bar.close()
+        run.mngr.wait_until_finished()
+        writer.close()
+        preempt.restore()
+    result = {"losses": losses, "eval": last_eval, "workdir": str(path), "preempted": bool(preempt.signal)}
+    if samples and not preempt.signal and cfg.train.sample_prompts:
+        result["samples"] = print_samples(run)
+    return result

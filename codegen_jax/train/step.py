@@ -1,0 +1,121 @@
+"""One jitted train step and eval step: masked fp32 cross entropy, gradient accumulation by `lax.scan`
+over microbatches, explicit in/out shardings, donated state.
+
+A batch is a dict of int32 [b, t] arrays: tokens, segment_ids (0 = padding), positions, loss_mask
+(1 where the token is a training target). Position t predicts token t+1 and counts only when that token
+is a target in the same document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from codegen_jax.sharding import batch_sharding
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a step changes. Params are a pure dict (what Orbax saves and optax updates)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt_state"], meta_fields=[])
+
+
+def target_weights(batch: Batch) -> jax.Array:
+    """[b, t-1] float weights of the next-token targets: a completion token of the same document."""
+    seg = batch["segment_ids"]
+    same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    return (same_doc & (batch["loss_mask"][:, 1:] > 0)).astype(jnp.float32)
+
+
+def masked_nll(logits_btv: jax.Array, labels_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-position negative log-likelihood of `labels_bt` and the log-partition, both fp32 [b, t]."""
+    logits_btv = logits_btv.astype(jnp.float32)
+    log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    target_logit_bt = jnp.take_along_axis(logits_btv, labels_bt[..., None], axis=-1)[..., 0]
+    return log_z_bt - target_logit_bt, log_z_bt
+
+
+def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Next-token NLL [b, t-1] and log-partition [b, t-1] of the batch under `params`."""
+    model = nnx.merge(graphdef, params)
+    logits_btv, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    return masked_nll(logits_btv[:, :-1], batch["tokens"][:, 1:])
+
+
+def _sums(graphdef, params, batch, z_loss: float):
+    """(objective sum, (nll sum, target count)) over one microbatch."""
+    nll_bt, log_z_bt = token_nll(graphdef, params, batch)
+    w_bt = target_weights(batch)
+    nll_sum = jnp.sum(nll_bt * w_bt)
+    objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z_bt) * w_bt)
+    return objective, (nll_sum, jnp.sum(w_bt))
+
+
+def grads_and_metrics(graphdef, params, batch: Batch, microbatches: int, z_loss: float):
+    """Gradient of the token-mean objective over the whole batch, summed over microbatches inside one
+    `lax.scan` so accumulation is exact (sum of sums, one division at the end)."""
+    grad_fn = jax.value_and_grad(_sums, argnums=1, has_aux=True)
+    if microbatches == 1:
+        (_, (nll_sum, count)), grads = grad_fn(graphdef, params, batch, z_loss)
+    else:
+        split = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
+
+        def body(acc, micro):
+            (_, (nll, n)), g = grad_fn(graphdef, params, micro, z_loss)
+            return jax.tree.map(jnp.add, acc, (g, nll, n)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, nll_sum, count), _ = jax.lax.scan(body, zeros, split)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    return grads, {"loss": nll_sum / denom, "tokens": count}
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, mesh: jax.sharding.Mesh, state_shardings: Any,
+                    microbatches: int = 1, z_loss: float = 0.0, skip_nonfinite: bool = False
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """jit(train_step) with the state donated and pinned to `state_shardings`, the batch on the data
+    axes. With `skip_nonfinite`, a step whose loss or gradient is NaN/Inf leaves the state unchanged."""
+
+    def train_step(state: TrainState, batch: Batch):
+        grads, metrics = grads_and_metrics(graphdef, state.params, batch, microbatches, z_loss)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             (params, opt_state), (state.params, state.opt_state))
+        metrics.update(grad_norm=grad_norm, lr=schedule(state.step), finite=finite)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    batch_sh = batch_sharding(mesh)
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, None),
+                   donate_argnums=(0,))
+
+
+def make_eval_step(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, params_shardings: Any,
+                   token_bytes_v: jax.Array) -> Callable[[Any, Batch], dict]:
+    """jit(eval_step): summed nll (nats), target count and target UTF-8 bytes, for loss and bits/byte."""
+
+    def eval_step(params, batch: Batch):
+        nll_bt, _ = token_nll(graphdef, params, batch)
+        w_bt = target_weights(batch)
+        n_bytes = jnp.sum(token_bytes_v[batch["tokens"][:, 1:]] * w_bt)
+        return {"nll_sum": jnp.sum(nll_bt * w_bt), "tokens": jnp.sum(w_bt), "bytes": n_bytes}
+
+    return jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh)))
