@@ -76,6 +76,7 @@ class OptimConfig:
     lr: float = 3e-3
     schedule: str = "cosine"  # cosine | linear | wsd | constant
     warmup_steps: int = 20
+    schedule_steps: int = 0  # steps the schedule spans; 0: train.steps (set it to extend a run later)
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # wsd: the share of steps spent decaying
     b1: float = 0.9

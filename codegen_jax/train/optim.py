@@ -12,7 +12,9 @@ from codegen_jax.config import OptimConfig
 
 
 def schedule(oc: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Learning rate per step: linear warmup from 0, then the configured decay to lr * min_lr_ratio."""
+    """Learning rate per step: linear warmup from 0, then the configured decay to lr * min_lr_ratio over
+    `optim.schedule_steps` (or `total_steps` when that is 0)."""
+    total_steps = oc.schedule_steps or total_steps
     warmup = min(oc.warmup_steps, max(total_steps - 1, 0))
     floor = oc.lr * oc.min_lr_ratio
     rest = max(total_steps - warmup, 1)
