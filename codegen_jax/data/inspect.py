@@ -1,0 +1,138 @@
+"""`codegen-jax data inspect`: print what the data pipeline makes of a config's corpus.
+
+Corpus and cleaning counts, instruction pairs, tokens per document, packing efficiency, and a few
+packed rows in which tokens that are not training targets (prompts, first tokens) are shown inside
+⟦ ⟧ and special tokens by name.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from codegen_jax.config import Config
+from codegen_jax.data import examples
+from codegen_jax.data.corpus import load_corpus
+from codegen_jax.data.pipeline import example_set, make_iterator
+from codegen_jax.data.tokenizer import (TRAIN_SAMPLE_BYTES, CodeTokenizer, get_tokenizer, load_tokenizer,
+                                        train_tokenizer)
+
+SAMPLE_BYTES = 5_000_000  # tokens-per-document statistics use at most this much text
+PACK_BATCHES = 8
+SHOW_ROWS = 2
+SHOW_CHARS = 400
+
+
+def _tokenizer(cfg: Config, workdir: str | Path | None) -> tuple[CodeTokenizer, str]:
+    if workdir is not None:
+        return get_tokenizer(cfg, workdir), f"{Path(workdir) / 'tokenizer'}"
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer
+    texts = load_corpus(cfg.data).sample_texts(TRAIN_SAMPLE_BYTES)
+    return train_tokenizer(texts, cfg.model.vocab_size), "trained in memory (not saved: pass --workdir)"
+
+
+def _corpus_report(cfg: Config) -> None:
+    corpus = load_corpus(cfg.data)
+    train, val = corpus.split("train"), corpus.split("validation")
+    langs = collections.Counter(d.language for d in train + val)
+    where = ", ".join(cfg.data.paths) or "the Python standard library"
+    print(f"corpus: source={cfg.data.source} ({where})")
+    print(f"  documents: train {len(train)}, validation {len(val)}; languages: "
+          + ", ".join(f"{k} {v}" for k, v in langs.most_common(8)))
+    print("cleaning:")
+    print(corpus.stats.report())
+
+
+def _pairs_report(cfg: Config, tok: CodeTokenizer) -> None:
+    if cfg.data.pair_ratio <= 0:
+        print("instruction pairs: off (data.pair_ratio=0)")
+        return
+    corpus = load_corpus(cfg.data)
+    for split in ("train", "validation"):
+        items = example_set(corpus, tok, split, cfg.data.seq_len, cfg.data.pair_ratio)
+        print(f"instruction pairs ({split}): {len(items.pairs)} used, "
+              f"{items.skipped['prompt_too_long']} skipped (prompt > {examples.max_prompt_len(cfg.data.seq_len)} "
+              "tokens)")
+    mined = {k: v for k, v in sorted(corpus.pair_counts.items())}
+    print("  mining: " + ", ".join(f"{k}={v}" for k, v in mined.items()))
+    print(f"  mix: {cfg.data.pair_ratio:.0%} of examples are pairs (data.pair_ratio)")
+
+
+def _tokens_report(cfg: Config, tok: CodeTokenizer) -> None:
+    docs, total = [], 0
+    for d in load_corpus(cfg.data).plain("train"):
+        docs.append(d.text)
+        total += len(d.text)
+        if total > SAMPLE_BYTES:
+            break
+    if not docs:
+        return
+    lengths = np.array([len(ids) + 2 for ids in tok.encode_batch(docs)])
+    pieces = np.ceil(lengths / cfg.data.seq_len).astype(int)
+    q = np.percentile(lengths, [50, 90, 99])
+    print(f"tokens per document (first {len(docs)} train documents, {total / lengths.sum():.2f} bytes/token):")
+    print(f"  mean {lengths.mean():.0f}, median {q[0]:.0f}, p90 {q[1]:.0f}, p99 {q[2]:.0f}, max {lengths.max()}; "
+          f"{(lengths > cfg.data.seq_len).mean():.0%} are split into {cfg.data.seq_len}-token pieces "
+          f"(mean {pieces.mean():.1f} pieces)")
+
+
+def _render(tok: CodeTokenizer, ids: list[int]) -> str:
+    """Text of `ids` with special tokens written by name."""
+    specials = {tok.bos_id, tok.eos_id, tok.pad_id, tok.inst_id, tok.sep_id} - {None}
+    return "".join("".join(tok.hf.convert_ids_to_tokens(run)) if special else tok.decode(run)
+                   for special, run in ((k, list(g)) for k, g in itertools.groupby(ids, specials.__contains__)))
+
+
+def _render_segment(tok: CodeTokenizer, tokens: np.ndarray, mask: np.ndarray) -> str:
+    """Text of one segment: runs that are not training targets inside ⟦ ⟧."""
+    parts = []
+    for is_target, run in itertools.groupby(zip(tokens.tolist(), mask.tolist()), key=lambda tm: tm[1] > 0):
+        text = _render(tok, [t for t, _ in run])
+        parts.append(text if is_target else f"⟦{text}⟧")
+    out = "".join(parts)
+    return out if len(out) <= SHOW_CHARS else out[:SHOW_CHARS] + f" … (+{len(out) - SHOW_CHARS} chars)"
+
+
+def _rows_to_show(batches: list[dict], tok: CodeTokenizer) -> list[tuple[int, int]]:
+    """(batch, row) of a row holding an instruction pair (if any), then rows with the most segments."""
+    rows = [(b, r) for b in range(len(batches)) for r in range(batches[b]["tokens"].shape[0])]
+    by_segments = sorted(rows, key=lambda br: -int(batches[br[0]]["segment_ids"][br[1]].max()))
+    with_pair = [(b, r) for b, r in rows if tok.inst_id is not None and (batches[b]["tokens"][r] == tok.inst_id).any()]
+    return list(dict.fromkeys(with_pair[:1] + by_segments))[:SHOW_ROWS]
+
+
+def _print_row(tok: CodeTokenizer, b: dict, name: str, row: int) -> None:
+    n_seg = int(b["segment_ids"][row].max())
+    print(f"--- {name}: {n_seg} segments, {int(np.count_nonzero(b['segment_ids'][row] == 0))} padding tokens")
+    for s in range(1, n_seg + 1):
+        idx = b["segment_ids"][row] == s
+        print(f"[segment {s}: {int(idx.sum())} tokens, positions 0..{int(b['positions'][row][idx].max())}]")
+        print(_render_segment(tok, b["tokens"][row][idx], b["loss_mask"][row][idx]))
+
+
+def _packing_report(cfg: Config, tok: CodeTokenizer) -> None:
+    it = make_iterator(cfg, tok, batch_size=cfg.train.batch_size)
+    batches = list(itertools.islice(it, PACK_BATCHES))
+    seg = np.concatenate([b["segment_ids"] for b in batches])
+    used = np.count_nonzero(seg) / seg.size
+    targets = sum(int(b["loss_mask"].sum()) for b in batches) / seg.shape[0]
+    print(f"packing ({cfg.data.pack}, first {len(batches)} batches of {cfg.train.batch_size}x{cfg.data.seq_len}):")
+    print(f"  efficiency {used:.2%} (padding {1 - used:.2%}), {seg.max(axis=1).mean():.1f} segments per row, "
+          f"{targets:.0f} target tokens per row")
+    print("packed rows (⟦…⟧ = not a training target, loss_mask 0):")
+    for b, row in _rows_to_show(batches, tok):
+        _print_row(tok, batches[b], f"batch {b} row {row}", row)
+
+
+def inspect_data(cfg: Config, workdir: str | Path | None = None) -> None:
+    """Print the corpus, cleaning, pair, token and packing report for `cfg` (item 6 of the data issue)."""
+    _corpus_report(cfg)
+    tok, where = _tokenizer(cfg, workdir)
+    print(f"tokenizer: {tok.vocab_size} tokens, {where}")
+    _pairs_report(cfg, tok)
+    _tokens_report(cfg, tok)
+    _packing_report(cfg, tok)
