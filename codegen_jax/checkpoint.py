@@ -125,7 +125,7 @@ def abstract_params(cfg: Config, mesh: jax.sharding.Mesh) -> Any:
 
     _, abs_state = abstract_model(cfg.model)
     shardings = state_shardings(abs_state, mesh)
-    return _abstract_with_shardings(abs_state.to_pure_dict(), shardings.to_pure_dict())
+    return _abstract_with_shardings(nnx.to_pure_dict(abs_state), nnx.to_pure_dict(shardings))
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:

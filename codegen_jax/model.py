@@ -8,6 +8,7 @@ length, s key length, d model, h heads, g kv heads, k head dim, f mlp, v vocab, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from codegen_jax.config import ModelConfig
-from codegen_jax.sharding import constrain
+from codegen_jax.sharding import constrain, state_shardings
 
 Cache = dict[str, jax.Array]  # k_lbsgk, v_lbsgk, segment_ids_bs, index (slots written so far)
 
@@ -254,8 +255,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) ->
 def create_model(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> Decoder:
     """A randomly initialised Decoder whose parameters are created already sharded on `mesh`
     (inside one jit with out_shardings, so no device or host ever holds a full unsharded copy)."""
-    from codegen_jax.sharding import state_shardings
-
     def make() -> Decoder:
         return Decoder(cfg, nnx.Rngs(params=seed))
 
@@ -290,3 +289,98 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     attention = n * 2 * 2 * h * k * seq_len / 2
     forward = 2 * matmul_params + attention
     return 3 * forward if training else forward
+
+
+# ---------------------------------------------------------------------------------------------------
+# The one-token decode step (the sampler's hot loop): the Decoder's math restructured for speed
+# (tests hold it to the Decoder token for token): per-layer parameters (no stacked-layer slicing each
+# step), and per-layer caches in [b, g, s, k] layout updated in place (no full-cache copy or transpose
+# per layer per step, which made the Decoder's cache path O(cache) in memory traffic per step).
+
+KV_BGSK = ("batch", "kv_heads", "length", "head_dim")
+
+
+def per_layer_model(model: nnx.Module, model_cfg: ModelConfig, mesh: jax.sharding.Mesh | None
+                    ) -> tuple[nnx.GraphDef, nnx.State, ModelConfig]:
+    """(graphdef, state, config) of the same Decoder with unstacked layers (`scan_layers=False`),
+    parameters laid out on `mesh` by the rules table."""
+    cfg = dataclasses.replace(model_cfg, scan_layers=False)
+    params = nnx.to_pure_dict(nnx.state(model))
+    if model_cfg.scan_layers:
+        stacked = params["blocks"]
+        params = {**params, "blocks": {i: jax.tree.map(lambda a: a[i], stacked) for i in range(cfg.n_layers)}}
+    graphdef, abs_state = abstract_model(cfg)
+    if mesh is not None:
+        target = nnx.to_pure_dict(state_shardings(abs_state, mesh))
+        params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, target)
+    nnx.replace_by_pure_dict(abs_state, params)
+    return graphdef, abs_state, cfg
+
+
+def cached_attention(q_bhk: jax.Array, k_bgsk: jax.Array, v_bgsk: jax.Array, mask_bs: jax.Array
+                     ) -> jax.Array:
+    """One query per row against the cache, grouped-query; the numerics of
+    `jax.nn.dot_product_attention` (fp32 logits and softmax, masked with -0.7 * max)."""
+    b, h, kd = q_bhk.shape
+    g = k_bgsk.shape[1]
+    q_bgrk = q_bhk.reshape(b, g, h // g, kd)
+    logits_dtype = jnp.promote_types(q_bhk.dtype, jnp.float32)
+    logits_bgrs = jnp.einsum("bgrk,bgsk->bgrs", q_bgrk, k_bgsk, preferred_element_type=logits_dtype)
+    logits_bgrs = logits_bgrs * jnp.array(kd ** -0.5, logits_dtype)
+    logits_bgrs = jnp.where(mask_bs[:, None, None, :], logits_bgrs, -0.7 * jnp.finfo(logits_dtype).max)
+    probs_bgrs = jax.nn.softmax(logits_bgrs.astype(jnp.float32), axis=-1).astype(k_bgsk.dtype)
+    return jnp.einsum("bgrs,bgsk->bgrk", probs_bgrs, v_bgsk).reshape(b, h, kd)
+
+
+def _block_step(block: nnx.Module, x_b1d: jax.Array, pos_b1: jax.Array, k_bgsk: jax.Array,
+                v_bgsk: jax.Array, index: jax.Array, mask_bs: jax.Array):
+    """`Block.__call__` for one new token per row, writing its k/v at cache slot `index`."""
+    attn, cfg, dt = block.attn, block.attn.cfg, x_b1d.dtype
+    h_b1d = block.attn_norm(x_b1d)
+    q_b1hk = rope(attn._project(h_b1d, attn.w_q_dhk, "b_q_hk"), pos_b1, cfg.rope_theta)
+    k_b1gk = rope(attn._project(h_b1d, attn.w_k_dgk, "b_k_gk"), pos_b1, cfg.rope_theta)
+    v_b1gk = attn._project(h_b1d, attn.w_v_dgk, "b_v_gk")
+    zero = jnp.zeros((), index.dtype)
+    k_bgsk = jax.lax.dynamic_update_slice(k_bgsk, k_b1gk.transpose(0, 2, 1, 3).astype(k_bgsk.dtype),
+                                          (zero, zero, index, zero))
+    v_bgsk = jax.lax.dynamic_update_slice(v_bgsk, v_b1gk.transpose(0, 2, 1, 3).astype(v_bgsk.dtype),
+                                          (zero, zero, index, zero))
+    k_bgsk, v_bgsk = constrain(k_bgsk, *KV_BGSK), constrain(v_bgsk, *KV_BGSK)
+    q_b1hk = constrain(q_b1hk, "batch", "length", "heads", None)
+    o_bhk = cached_attention(q_b1hk[:, 0], k_bgsk.astype(dt), v_bgsk.astype(dt), mask_bs)
+    x_b1d = x_b1d + jnp.einsum("bhk,hkd->bd", o_bhk, attn.w_o_hkd[...].astype(dt))[:, None]
+    x_b1d = x_b1d + block.mlp(block.mlp_norm(x_b1d))
+    return constrain(x_b1d, "batch", "length", "act_embed"), k_bgsk, v_bgsk
+
+
+def decode_step(model: nnx.Module, cache: dict[str, Any], token_b: jax.Array, pos_b: jax.Array
+                ) -> tuple[jax.Array, dict[str, Any]]:
+    """Logits [b, v] (fp32) of one new token per row and the updated per-layer cache: the Decoder's
+    forward pass with a cache, for t = 1 and segment id 1."""
+    cfg, dt = model.cfg, jnp.dtype(model.cfg.dtype)
+    index = cache["index"]
+    b = token_b.shape[0]
+    seg_bs = jax.lax.dynamic_update_slice(cache["segment_ids"], jnp.ones((b, 1), jnp.int32),
+                                          (jnp.zeros((), index.dtype), index))
+    mask_bs = seg_bs == 1  # this row's real tokens; slots past `index` are unwritten (segment 0)
+    x_b1d = constrain(jnp.take(model.embed_vd[...], token_b[:, None], axis=0).astype(dt),
+                      "batch", "length", "act_embed")
+    ks, vs = [], []
+    for block, k_bgsk, v_bgsk in zip(model.blocks, cache["k"], cache["v"]):
+        x_b1d, k_bgsk, v_bgsk = _block_step(block, x_b1d, pos_b[:, None], k_bgsk, v_bgsk, index, mask_bs)
+        ks.append(k_bgsk)
+        vs.append(v_bgsk)
+    x_bd = model.final_norm(x_b1d)[:, 0]
+    w_dv = model.embed_vd[...].T if cfg.tie_embeddings else model.lm_head_dv[...]
+    logits_bv = jnp.einsum("bd,dv->bv", x_bd, w_dv.astype(dt)).astype(jnp.float32)
+    logits_bv = constrain(logits_bv, "batch", "vocab")
+    return logits_bv, {"k": ks, "v": vs, "segment_ids": seg_bs, "index": index + 1}
+
+
+def per_layer_cache(cache: dict[str, jax.Array]) -> dict[str, Any]:
+    """The Decoder's [l, b, s, g, k] cache as per-layer [b, g, s, k] arrays (done once, after prefill)."""
+    def split(x_lbsgk):
+        return [constrain(x_lbsgk[i].transpose(0, 2, 1, 3), *KV_BGSK) for i in range(x_lbsgk.shape[0])]
+
+    return {"k": split(cache["k"]), "v": split(cache["v"]),
+            "segment_ids": constrain(cache["segment_ids"], "batch", "length"), "index": cache["index"]}

@@ -171,8 +171,6 @@ def _data_inputs(p: Path) -> list[Path]:
 def _load_dataset(p: Path):
     """One `datasets.Dataset` for a file or saved directory (all splits of a DatasetDict, concatenated)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never reach the hub
-    import datasets
-
     with _quiet_datasets():
         return _load_dataset_quietly(p)
 

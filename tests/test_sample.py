@@ -1,0 +1,388 @@
+"""Sampler tests: the compiled prefill + decode loop against a naive full-recompute loop, batching and
+left padding, sampling filters, stop strings and finish reasons, seeds, the mesh, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from codegen_jax import cli
+from codegen_jax.checkpoint import write_params_checkpoint
+from codegen_jax.errors import UserError
+from codegen_jax.model import create_model
+from codegen_jax.sample import (Completion, Generator, bucket, find_stop, min_p_filter, pack_prompts,
+                                top_k_filter, top_p_filter)
+from conftest import run_with_devices, tiny_config
+
+PROMPTS = ["def add(a, b):\n    return", "", "import os\n\n\nclass Walker:\n    def walk(self, path):\n"]
+MAX_NEW = 20
+
+
+def _config(*overrides: str, vocab: int = 512):
+    return tiny_config(f"model.vocab_size={vocab}", "model.max_seq_len=128", *overrides)
+
+
+@pytest.fixture(scope="module")
+def setup(small_tokenizer):
+    cfg = _config(vocab=small_tokenizer.vocab_size)
+    model = create_model(cfg.model, seed=0)
+    return cfg, model, small_tokenizer, Generator(model, small_tokenizer, cfg.model, max_batch_size=8)
+
+
+def naive_greedy(model, prompt_ids: list[int], n: int, max_len: int = 128) -> list[int]:
+    """Reference: recompute the whole sequence each step (right-padded to one shape, one compile)."""
+    forward = jax.jit(lambda tokens, seg: model(tokens, segment_ids_bt=seg)[0])
+    ids, out = list(prompt_ids), []
+    for _ in range(n):
+        tokens, seg = np.zeros((1, max_len), np.int32), np.zeros((1, max_len), np.int32)
+        tokens[0, :len(ids)], seg[0, :len(ids)] = ids, 1
+        nxt = int(jnp.argmax(forward(tokens, seg)[0, len(ids) - 1]))
+        out.append(nxt)
+        ids.append(nxt)
+    return out
+
+
+def _until_eos(tokens: list[int], eos_id: int) -> list[int]:
+    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+# ---- the compiled loop against the model ----------------------------------------------------------
+
+def test_greedy_equals_naive_full_recompute(setup):
+    cfg, model, tok, gen = setup
+    results = gen.generate(PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0, stop=[])
+    for prompt, (c,) in zip(PROMPTS, results):
+        ref = naive_greedy(model, gen.prompt_ids(prompt, MAX_NEW), MAX_NEW)
+        assert c.tokens == _until_eos(ref, tok.eos_id)
+        assert c.finish_reason == ("eos" if tok.eos_id in ref else "length")
+        assert c.text == tok.decode(c.tokens)
+
+
+def test_decode_step_variants_equal_naive(small_tokenizer):
+    """Unscanned layers, tied embeddings, q/k/v biases and one kv head take other paths."""
+    cfg = _config("model.scan_layers=false", "model.tie_embeddings=true", "model.attention_bias=true",
+                  "model.n_kv_heads=1", vocab=small_tokenizer.vocab_size)
+    model = create_model(cfg.model, seed=1)
+    state = nnx.state(model)  # random biases (they are initialised to zero)
+    for i in range(cfg.model.n_layers):
+        for name in ("b_q_hk", "b_k_gk", "b_v_gk"):
+            var = state["blocks"][i]["attn"][name]
+            var[...] = 0.5 * jax.random.normal(jax.random.key(i), var.shape)
+    nnx.update(model, state)
+    gen = Generator(model, small_tokenizer, cfg.model)
+    (c,), = gen.generate([PROMPTS[2]], max_new_tokens=12, stop=[])
+    ref = naive_greedy(model, gen.prompt_ids(PROMPTS[2], 12), 12)
+    assert c.tokens == _until_eos(ref, small_tokenizer.eos_id)
+
+
+def test_mixed_lengths_batch_equals_one_by_one(setup):
+    _, _, _, gen = setup
+    batch = gen.generate(PROMPTS, max_new_tokens=MAX_NEW, stop=[])
+    for prompt, (c,) in zip(PROMPTS, batch):
+        (alone,), = gen.generate([prompt], max_new_tokens=MAX_NEW, stop=[])
+        assert alone.tokens == c.tokens
+
+
+def test_pack_prompts_left_pads_with_positions_and_segments():
+    tokens, positions, segments = pack_prompts([[5, 6, 7], [9]], batch=3, length=4, pad_id=0)
+    np.testing.assert_array_equal(tokens, [[0, 5, 6, 7], [0, 0, 0, 9], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(positions, [[0, 0, 1, 2], [0, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(segments, [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]])
+
+
+def test_buckets_are_few_and_tight():
+    assert [bucket(n) for n in (1, 16, 17, 25, 33, 100, 129)] == [16, 16, 24, 32, 48, 128, 192]
+    assert len({bucket(n) for n in range(1, 2049)}) <= 16
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+def test_top_k_one_equals_greedy(setup):
+    _, _, _, gen = setup
+    greedy = gen.generate(PROMPTS, max_new_tokens=MAX_NEW, stop=[])
+    sampled = gen.generate(PROMPTS, max_new_tokens=MAX_NEW, temperature=1.3, top_k=1, num_samples=2,
+                           stop=[], seed=3)
+    for (g,), samples in zip(greedy, sampled):
+        assert [s.tokens for s in samples] == [g.tokens, g.tokens]
+
+
+def _kept(filtered) -> list[int]:
+    return np.flatnonzero(np.isfinite(np.asarray(filtered)[0])).tolist()
+
+
+def test_top_p_keeps_smallest_set_with_mass_at_least_p():
+    logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
+    assert _kept(top_p_filter(logits, 0.49)) == [1]
+    assert _kept(top_p_filter(logits, 0.51)) == [1, 3]
+    assert _kept(top_p_filter(logits, 0.79)) == [1, 3]
+    assert _kept(top_p_filter(logits, 0.81)) == [1, 2, 3]
+    assert _kept(top_p_filter(logits, 0.96)) == [0, 1, 2, 3]
+    assert _kept(top_p_filter(logits, 1.0)) == [0, 1, 2, 3]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.01, 1.0), min_size=2, max_size=12), st.floats(0.05, 0.95))
+def test_top_p_property(weights, p):
+    probs = np.array(weights) / np.sum(weights)
+    kept = _kept(top_p_filter(jnp.log(jnp.asarray(probs, jnp.float32))[None], p))
+    mass, least = probs[kept].sum(), probs[kept].min()
+    assert mass >= p - 1e-5  # enough mass ...
+    assert mass - probs[np.isclose(probs, least, rtol=1e-5)].sum() < p + 1e-5  # ... none to spare
+    assert least >= np.delete(probs, kept).max(initial=0.0) - 1e-7  # and the most likely ones
+    # (tokens tied with the last one needed are all kept, as in top-k)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from([-1e30, -3.5, -1.0, -0.0, 0.0, 0.25, 2.0, 7.0]) | st.floats(-50, 50),
+                min_size=1, max_size=16), st.integers(1, 20))
+def test_top_k_property(values, k):
+    """The exact-threshold search keeps what a sort would (negative values, zeros and ties included)."""
+    logits = np.array(values, np.float32)
+    kth = np.sort(logits)[::-1][min(k, len(logits)) - 1]
+    expected = np.flatnonzero(logits >= kth).tolist()
+    assert _kept(top_k_filter(jnp.asarray(logits)[None], k)) == expected
+    assert _kept(top_k_filter(jnp.asarray(logits)[None], jnp.float32(k))) == expected  # a runtime k
+    assert _kept(top_k_filter(jnp.asarray([[-0.0, 0.0, -1.0]]), 1)) == [0, 1]
+
+
+def test_top_k_and_min_p_filters():
+    logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
+    assert _kept(top_k_filter(logits, 2)) == [1, 3]
+    assert _kept(top_k_filter(logits, 0)) == [0, 1, 2, 3]
+    assert _kept(min_p_filter(logits, 0.5)) == [1, 3]  # p >= 0.5 * 0.5
+    assert _kept(min_p_filter(logits, 0.0)) == [0, 1, 2, 3]
+
+
+def test_same_seed_same_samples_whatever_the_batching(setup):
+    cfg, model, tok, gen = setup
+    kw = dict(max_new_tokens=MAX_NEW, temperature=0.9, top_p=0.95, top_k=50, min_p=0.01, num_samples=3,
+              stop=[])
+    a = gen.generate(PROMPTS, seed=7, **kw)
+    b = gen.generate(PROMPTS, seed=7, **kw)
+    assert [[s.tokens for s in r] for r in a] == [[s.tokens for s in r] for r in b]
+    assert len({tuple(s.tokens) for s in a[2]}) > 1  # samples of one prompt differ
+    c = Generator(model, tok, cfg.model, max_batch_size=2).generate(PROMPTS[:1], seed=7, **kw)
+    assert [s.tokens for s in c[0]] == [s.tokens for s in a[0]]
+    d = gen.generate(PROMPTS, seed=8, **kw)
+    assert [[s.tokens for s in r] for r in d] != [[s.tokens for s in r] for r in a]
+    assert all(isinstance(s, Completion) and (s.prompt_index, s.sample_index) == (i, j)
+               for i, r in enumerate(a) for j, s in enumerate(r))
+
+
+# ---- stop strings, EOS, finish reasons ------------------------------------------------------------
+
+def test_stop_string_trimmed_and_finish_reasons(setup):
+    _, _, tok, gen = setup
+    (full,), = gen.generate([PROMPTS[0]], max_new_tokens=MAX_NEW, stop=[])
+    assert full.finish_reason == "length" and len(full.tokens) == MAX_NEW
+    stop = full.text[len(full.text) // 2:][:3]
+    cut = full.text.find(stop)
+    for every in (32, 3):  # one decode call, and several with stop checks between them
+        gen.stop_check_every = every
+        (c,), = gen.generate([PROMPTS[0]], max_new_tokens=MAX_NEW, stop=["never-there", stop])
+        assert (c.text, c.finish_reason) == (full.text[:cut], "stop")
+        assert c.tokens == full.tokens[:len(c.tokens)] and tok.decode(c.tokens).startswith(c.text)
+        assert len(tok.decode(c.tokens[:-1])) < cut <= len(tok.decode(c.tokens))
+    gen.stop_check_every = 32
+    assert find_stop("a\ndef b\nclass", ["\nclass", "\ndef"]) == 1
+
+
+def test_eos_stops_the_row(setup):
+    cfg, model, tok, _ = setup
+    (full,), = Generator(model, tok, cfg.model).generate([PROMPTS[2]], max_new_tokens=MAX_NEW, stop=[])
+    eos = full.tokens[5]  # pretend the 6th generated token is EOS
+
+    class EosAt:
+        def __getattr__(self, name):
+            return eos if name == "eos_id" else getattr(tok, name)
+
+    gen = Generator(model, EosAt(), cfg.model)
+    (c, other), = gen.generate([PROMPTS[2]] * 1, max_new_tokens=MAX_NEW, stop=[], num_samples=2)
+    first = full.tokens.index(eos)
+    assert c.tokens == other.tokens == full.tokens[:first] and c.finish_reason == "eos"
+
+
+def test_empty_prompt_starts_from_bos(setup):
+    _, _, tok, gen = setup
+    assert gen.prompt_ids("", 8) == [tok.bos_id]
+    (c,), = gen.generate([""], max_new_tokens=4, stop=[])
+    assert len(c.tokens) == 4 or c.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -0.1}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"),
+    ({"min_p": 2.0}, "min_p"), ({"num_samples": 0}, "num_samples"), ({"max_new_tokens": 128}, "context"),
+])
+def test_bad_options_raise_user_error(setup, kwargs, message):
+    _, _, _, gen = setup
+    with pytest.raises(UserError, match=message):
+        gen.generate(["x"], **kwargs)
+
+
+def test_long_prompt_errors_or_truncates(setup):
+    _, _, tok, gen = setup
+    long_prompt = "x = 1\n" * 200
+    with pytest.raises(UserError, match="--truncate"):
+        gen.generate([long_prompt], max_new_tokens=8)
+    ids = gen.prompt_ids(long_prompt, 8, truncate=True)
+    assert len(ids) == 120 and ids[0] == tok.bos_id and ids[1:] == tok.encode(long_prompt)[-119:]
+    (c,), = gen.generate([long_prompt], max_new_tokens=8, truncate=True, stop=[])
+    assert c.finish_reason in ("length", "eos")
+
+
+# ---- checkpoint, CLI, mesh ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt(setup, tmp_path_factory):
+    cfg, model, tok, _ = setup
+    workdir = tmp_path_factory.mktemp("run")
+    write_params_checkpoint(workdir, cfg, nnx.to_pure_dict(nnx.state(model)), tok, step=3)
+    return workdir
+
+
+def test_from_checkpoint_matches_in_memory(setup, ckpt):
+    _, _, _, gen = setup
+    loaded = Generator.from_checkpoint(ckpt / "checkpoints" / "3")
+    assert loaded.step == 3
+    kw = dict(max_new_tokens=MAX_NEW, stop=[])
+    expected = [c.tokens for (c,) in gen.generate(PROMPTS, **kw)]
+    assert [c.tokens for (c,) in loaded.generate(PROMPTS, **kw)] == expected
+
+
+def test_cli_generate_jsonl(setup, ckpt, tmp_path, capsys):
+    _, _, _, gen = setup
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": p, "id": f"p{i}"}) for i, p in enumerate(PROMPTS)) + "\n")
+    out = tmp_path / "out.jsonl"
+    rc = cli.main(["generate", "--checkpoint", str(ckpt), "--prompts-file", str(src), "--out", str(out),
+                   "--max-new-tokens", str(MAX_NEW), "--stop"])
+    assert rc == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    expected = gen.generate(PROMPTS, max_new_tokens=MAX_NEW, stop=[])
+    assert [x["id"] for x in lines] == ["p0", "p1", "p2"] and [x["prompt"] for x in lines] == PROMPTS
+    for line, (c,) in zip(lines, expected):
+        got = (line["completion"], line["tokens"], line["finish_reason"])
+        assert got == (c.text, c.tokens, c.finish_reason)
+    assert "tok/s" in capsys.readouterr().err
+
+    rc = cli.main(["generate", "--checkpoint", str(ckpt), "--prompt", PROMPTS[0], "--max-new-tokens", "4",
+                   "--num-samples", "2", "--temperature", "0.8", "--seed", "1", "--stop", "\\ndef"])
+    assert rc == 0 and capsys.readouterr().out.count(PROMPTS[0]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "0"], "max_new_tokens"), (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"), (["--top-p", "1.1"], "top_p"), (["--top-k", "-2"], "top_k"),
+    (["--prompts-file", "MISSING"], "cannot read"), (["--prompts-file", "NOPROMPT"], "'prompt'"),
+    (["--prompts-file", "BADJSON"], "not valid JSON"), (["--prompt", "x = 1\n" * 300], "--truncate"),
+])
+def test_cli_bad_input_exits_2_with_one_line(ckpt, tmp_path, capsys, args, message):
+    files = {"MISSING": tmp_path / "missing.jsonl", "NOPROMPT": tmp_path / "np.jsonl",
+             "BADJSON": tmp_path / "bad.jsonl"}
+    files["NOPROMPT"].write_text('{"prompt": "ok"}\n{"id": 3}\n')
+    files["BADJSON"].write_text('{"prompt": "ok"}\n{"prompt": \n')
+    args = [str(files.get(a, a)) for a in args]
+    if "--prompt" not in args and "--prompts-file" not in args:
+        args += ["--prompt", "def f():"]
+    rc = cli.main(["generate", "--checkpoint", str(ckpt), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_cli_subprocess_one_stderr_line(ckpt):
+    proc = subprocess.run([sys.executable, "-m", "codegen_jax.cli", "generate", "--checkpoint", str(ckpt),
+                           "--prompt", "y = 2\n" * 300], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--truncate" in proc.stderr
+
+
+SHARDED = """
+import json, sys
+import jax
+from flax import nnx
+from codegen_jax.checkpoint import load_inference, write_params_checkpoint
+from codegen_jax.sample import Generator
+from codegen_jax.sharding import make_mesh
+from jax.sharding import PartitionSpec
+prompts, ckpt, out_dir = json.loads({args})
+kw = dict(max_new_tokens={max_new}, stop=[])
+sample_kw = dict(kw, temperature=0.9, top_p=0.9, num_samples=2, seed=5)
+def run(gen):
+    return [[c.tokens for c in r] for r in gen.generate(prompts, **kw) + gen.generate(prompts, **sample_kw)]
+mesh_a = make_mesh({{"data": 2, "fsdp": 2, "tensor": 2}})
+a = Generator.from_checkpoint(ckpt, mesh=mesh_a)
+assert a.state["blocks"][0]["mlp"]["w_up_df"][...].sharding.spec == PartitionSpec("fsdp", "tensor")
+first = run(a)
+# params sharded on the (2, 2, 2) mesh, saved, then generating on another mesh
+cfg, model, tok, _ = load_inference(ckpt, mesh_a)
+write_params_checkpoint(out_dir, cfg, nnx.to_pure_dict(nnx.state(model)), tok, step=9)
+b = Generator.from_checkpoint(out_dir, mesh=make_mesh({{"data": 1, "fsdp": 4, "tensor": 2}}))
+print(json.dumps({{"a": first, "b": run(b)}}))
+"""
+
+
+def test_sharded_8_devices_equals_single_device(setup, ckpt, tmp_path):
+    _, _, _, gen = setup
+    max_new = 12
+    args = json.dumps([PROMPTS, str(ckpt), str(tmp_path / "resharded")])
+    out = run_with_devices(SHARDED.format(args=repr(args), max_new=max_new), n_devices=8)
+    got = json.loads(out.strip().splitlines()[-1])
+    kw = dict(max_new_tokens=max_new, stop=[])
+    single = [[c.tokens for c in r] for r in gen.generate(PROMPTS, **kw)
+              + gen.generate(PROMPTS, **dict(kw, temperature=0.9, top_p=0.9, num_samples=2, seed=5))]
+    assert got["a"] == single
+    assert got["b"] == single
+
+
+MULTI_PROCESS = """
+import json, sys
+from codegen_jax import distributed
+distributed.initialize("127.0.0.1:{port}", 2, int(sys.argv[1]))
+from codegen_jax.sample import Generator
+from codegen_jax.sharding import make_mesh
+import jax
+gen = Generator.from_checkpoint({ckpt!r}, mesh=make_mesh({{"data": 2, "fsdp": 2, "tensor": 1}}))
+out = gen.generate({prompts!r}, max_new_tokens=12, stop=[], temperature=0.9, num_samples=2, seed=5)
+print(json.dumps([[c.tokens for c in r] for r in out]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_equal_single_device(setup, ckpt):
+    """The multi-host path: global arrays built per process, results gathered across processes."""
+    import os
+    import socket
+
+    _, _, _, gen = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = MULTI_PROCESS.format(port=port, ckpt=str(ckpt), prompts=PROMPTS)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    single = gen.generate(PROMPTS, max_new_tokens=12, stop=[], temperature=0.9, num_samples=2, seed=5)
+    expected = [[c.tokens for c in r] for r in single]
+    for stdout, _ in outs:
+        assert json.loads(stdout.strip().splitlines()[-1]) == expected
+
+
+def test_stats_report_compile_separately(setup):
+    _, _, _, gen = setup
+    gen.generate(PROMPTS, max_new_tokens=MAX_NEW, stop=[])  # compiled by earlier tests
+    st = gen.last_stats
+    assert st["compile_s"] == 0.0 and st["run_s"] > 0 and st["new_tokens"] > 0
+    assert math.isclose(st["tokens_per_s"], st["new_tokens"] / st["run_s"])
