@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from codegen_jax.config import ModelConfig, SampleConfig
 from codegen_jax.errors import UserError
+from codegen_jax.jsonl import read_jsonl
 from codegen_jax.model import decode_step, init_cache, per_layer_cache, per_layer_model
 from codegen_jax.sharding import batch_sharding, constrain
 
@@ -522,21 +523,10 @@ class Generator:
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """JSONL records with a string `prompt` (other fields pass through); one clear UserError if not."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-        raise UserError(f"cannot read prompts file {path}: {reason}") from None
     records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise UserError(f"{path}:{n}: each line must be a JSON object with a string 'prompt' field")
+    for n, rec in read_jsonl(path, "prompts"):
+        if not isinstance(rec.get("prompt"), str):
+            raise UserError(f"prompts file {path}, line {n}: each line needs a string 'prompt' field")
         records.append(rec)
     if not records:
         raise UserError(f"prompts file {path} holds no prompts")

