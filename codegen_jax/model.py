@@ -300,15 +300,24 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
 KV_BGSK = ("batch", "kv_heads", "length", "head_dim")
 
 
+def layer_layout(params: dict, scanned: bool, scan_layers: bool) -> dict:
+    """Params (pure dict) with `blocks` stacked [l, ...] (scan_layers) or as {i: layer} (a list)."""
+    blocks = params["blocks"]
+    if scanned == scan_layers:
+        return params
+    if scanned:
+        n = jax.tree.leaves(blocks)[0].shape[0]
+        return {**params, "blocks": {i: jax.tree.map(lambda a: a[i], blocks) for i in range(n)}}
+    layers = [blocks[i] for i in sorted(blocks)]
+    return {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
 def per_layer_model(model: nnx.Module, model_cfg: ModelConfig, mesh: jax.sharding.Mesh | None
                     ) -> tuple[nnx.GraphDef, nnx.State, ModelConfig]:
     """(graphdef, state, config) of the same Decoder with unstacked layers (`scan_layers=False`),
     parameters laid out on `mesh` by the rules table."""
     cfg = dataclasses.replace(model_cfg, scan_layers=False)
-    params = nnx.to_pure_dict(nnx.state(model))
-    if model_cfg.scan_layers:
-        stacked = params["blocks"]
-        params = {**params, "blocks": {i: jax.tree.map(lambda a: a[i], stacked) for i in range(cfg.n_layers)}}
+    params = layer_layout(nnx.to_pure_dict(nnx.state(model)), model_cfg.scan_layers, scan_layers=False)
     graphdef, abs_state = abstract_model(cfg)
     if mesh is not None:
         target = nnx.to_pure_dict(state_shardings(abs_state, mesh))

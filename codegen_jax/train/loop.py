@@ -26,7 +26,7 @@ from codegen_jax.config import Config, check_batch, mesh_shape
 from codegen_jax.data.pipeline import make_iterator
 from codegen_jax.data.tokenizer import get_tokenizer
 from codegen_jax.errors import UserError
-from codegen_jax.model import create_model, flops_per_token
+from codegen_jax.model import create_model, flops_per_token, layer_layout
 from codegen_jax.sharding import global_batch, make_mesh, state_shardings
 from codegen_jax.train.metrics import MetricsWriter, peak_flops
 from codegen_jax.train.optim import make_optimizer, schedule
@@ -73,10 +73,11 @@ def _opt_shardings(abstract_opt: Any, params_sh: Any, mesh) -> Any:
     return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
-def _check_model_compatible(saved: dict, cfg: Config, source: str) -> None:
-    """Resuming or initialising from a checkpoint of another model shape fails with the differences."""
+def _check_model_compatible(saved: dict, cfg: Config, source: str, layout_matters: bool = True) -> None:
+    """Resuming or initialising from a checkpoint of another model shape fails with the differences.
+    (Params alone convert between scanned and unscanned layers; optimizer state does not.)"""
     shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-                  "tie_embeddings", "attention_bias", "scan_layers")
+                  "tie_embeddings", "attention_bias") + (("scan_layers",) if layout_matters else ())
     diffs = [f"model.{k}: {saved['model'].get(k)} there, {getattr(cfg.model, k)} here"
              for k in shape_keys if saved["model"].get(k) != getattr(cfg.model, k)]
     if diffs:
@@ -147,9 +148,9 @@ def _setup(cfg: Config, workdir: Path, init_from: str | None) -> _Run:
         state = TrainState(jax.device_put(np.int32(start), replicated), items["params"], items["opt_state"])
         print(f"resumed from step {start}")
     elif init_from:
-        _, init_model, _, step = ckpt.load_inference(init_from, mesh)
-        src_params = nnx.to_pure_dict(nnx.state(init_model))
-        _check_model_compatible({"model": dataclasses.asdict(init_model.cfg)}, cfg, f"--init-from {init_from}")
+        src_cfg, src_params, _, step = ckpt.load_params(init_from, mesh)
+        _check_model_compatible(src_cfg.to_dict(), cfg, f"--init-from {init_from}", layout_matters=False)
+        src_params = layer_layout(src_params, src_cfg.model.scan_layers, cfg.model.scan_layers)
         state = TrainState(state.step, jax.device_put(src_params, params_sh), opt_state)
         print(f"initialised params from {init_from} (step {step}); fresh optimizer")
     token_bytes = jax.device_put(tokenizer.token_byte_lengths().astype(np.float32), replicated)
