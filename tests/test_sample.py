@@ -143,8 +143,9 @@ def test_top_p_property(weights, p):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.sampled_from([-1e30, -3.5, -1.0, -0.0, 0.0, 0.25, 2.0, 7.0]) | st.floats(-50, 50),
-                min_size=1, max_size=16), st.integers(1, 20))
+# no subnormals: XLA on CPU flushes them to zero, where they tie with 0.0 (numpy keeps them apart)
+@given(st.lists(st.sampled_from([-1e30, -3.5, -1.0, -0.0, 0.0, 0.25, 2.0, 7.0])
+                | st.floats(-50, 50, width=32, allow_subnormal=False), min_size=1, max_size=16), st.integers(1, 20))
 def test_top_k_property(values, k):
     """The exact-threshold search keeps what a sort would (negative values, zeros and ties included)."""
     logits = np.array(values, np.float32)
