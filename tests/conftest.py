@@ -9,6 +9,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI runs each property test on the same examples every time: a failure there is reproducible
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 from codegen_jax.config import Config, load_config
 
