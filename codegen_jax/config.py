@@ -100,7 +100,10 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop | skip
     peak_flops: float = 0.0  # per device; 0: measured once by a matmul probe
     sample_prompts: list[str] = dataclasses.field(
-        default_factory=lambda: ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n"]
+        # no trailing newline: the tokenizer merges "\n" with the next line's indentation, so the model
+        # should write that token itself
+        default_factory=lambda: ['def fibonacci(n):\n    """Return the n-th Fibonacci number."""',
+                                 "import os\n\n\ndef list_files(path):"]
     )
     wandb: bool = False
 

@@ -55,7 +55,7 @@ class FakeGenerator:
     def generate(self, prompts, *, max_new_tokens, temperature, top_k, top_p, num_samples, stop, seed):
         self.calls.append(dict(prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, num_samples=num_samples, stop=stop, seed=seed))
-        by_prompt = {p["prompt"]: t for t, p in PROBLEMS.items()}
+        by_prompt = {p["prompt"].rstrip(): t for t, p in PROBLEMS.items()}  # prompts arrive rstripped
         out = []
         for prompt in prompts:
             task = by_prompt[prompt]
@@ -116,7 +116,7 @@ def test_generation_through_a_generator(tmp_path, capsys):
     assert call["stop"] == list(STOP_SEQUENCES) and call["num_samples"] == 2
     assert (call["temperature"], call["top_p"], call["top_k"]) == (0.8, 0.95, 0)  # Codex: k > 1
     assert call["max_new_tokens"] == 512
-    assert call["prompts"] == [PROBLEMS[t]["prompt"] for t in TASKS[:5]]
+    assert call["prompts"] == [PROBLEMS[t]["prompt"].rstrip() for t in TASKS[:5]]  # the model writes the final newline
 
     samples = read_jsonl(out / "samples.jsonl")
     assert [s["task_id"] for s in samples] == [t for t in TASKS[:5] for _ in range(2)]

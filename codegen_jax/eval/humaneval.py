@@ -177,7 +177,11 @@ def generate_samples(
     with _progress(len(items), "generate", progress) as bar:
         for batch_index, start in enumerate(range(0, len(items), batch_size)):
             batch = items[start:start + batch_size]
-            outputs = generator.generate([p["prompt"] for p in batch], **kwargs, seed=seed + batch_index)
+            # the prompt's trailing newline is left for the model to write (bigcode-harness convention):
+            # BPE merges "\n" with the next line's indentation, so a prompt ending in a bare "\n" token
+            # asks for an unindented line. The completion is still appended to the original prompt.
+            prompts = [p["prompt"].rstrip() for p in batch]
+            outputs = generator.generate(prompts, **kwargs, seed=seed + batch_index)
             if len(outputs) != len(batch) or any(len(o) != num_samples for o in outputs):
                 raise RuntimeError(f"generator returned the wrong number of completions for batch {batch_index}")
             for problem, completions in zip(batch, outputs):
