@@ -72,11 +72,10 @@ def manager(workdir: str | Path, keep: int = 3, async_save: bool = True) -> ocp.
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, params: Any, cfg: Config, tokenizer: Any,
-         opt_state: Any = None, data_iterator: Any = None, extra: dict | None = None) -> None:
+         opt_state: Any = None, data_iterator: Any = None) -> None:
     """Start saving one step (asynchronously when the manager is async); `mngr.wait_until_finished()`
     blocks until it is on disk."""
-    meta = {"step": int(step), "config": cfg.to_dict(), "tokenizer": tokenizer_files(tokenizer),
-            **(extra or {})}
+    meta = {"step": int(step), "config": cfg.to_dict(), "tokenizer": tokenizer_files(tokenizer)}
     items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(opt_state)
@@ -89,7 +88,7 @@ def resolve(path: str | Path) -> tuple[Path, int | None]:
     """A run's workdir, its `checkpoints/` dir or one step dir -> (checkpoints root, step or None=latest).
     """
     p = Path(path).absolute()
-    if not p.exists():
+    if not p.is_dir():
         raise UserError(f"checkpoint not found: {path} (pass a run's workdir or one step directory)")
     if (p / "checkpoints").is_dir():
         return p / "checkpoints", None

@@ -387,3 +387,15 @@ def test_stats_report_compile_separately(setup):
     st = gen.last_stats
     assert st["compile_s"] == 0.0 and st["run_s"] > 0 and st["new_tokens"] > 0
     assert math.isclose(st["tokens_per_s"], st["new_tokens"] / st["run_s"])
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty_dir"])
+def test_bad_checkpoint_path_exits_2_with_one_line(tmp_path, capsys, kind):
+    path = tmp_path / "ckpt"
+    if kind == "file":
+        path.write_text("not a checkpoint")
+    elif kind == "empty_dir":
+        path.mkdir()
+    rc = cli.main(["generate", "--checkpoint", str(path), "--prompt", "def f():"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and ("not found" in err[0] or "holds no checkpoint" in err[0]), err
