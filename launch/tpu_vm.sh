@@ -9,7 +9,8 @@
 #   launch/tpu_vm.sh logs    NAME ZONE
 #   launch/tpu_vm.sh delete  NAME ZONE
 #
-# Use gs:// paths for --workdir on pods: every worker writes its checkpoint shards there.
+# On pods, --workdir must be shared by every worker (e.g. a Cloud Storage FUSE mount at /gcs/BUCKET):
+# each worker writes its checkpoint shards there.
 set -euo pipefail
 
 usage() {

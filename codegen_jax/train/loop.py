@@ -184,6 +184,9 @@ def _save(run: _Run, step: int) -> None:
 
 
 def _prepare_workdir(cfg: Config, workdir: str | None) -> Path:
+    if workdir and "://" in workdir:
+        raise UserError(f"--workdir {workdir}: URLs are not supported yet; mount the bucket (e.g. Cloud "
+                        "Storage FUSE at /gcs/BUCKET) and pass the mounted path")
     path = Path(workdir or f"runs/{cfg.name}")
     if distributed.is_main():
         path.mkdir(parents=True, exist_ok=True)
