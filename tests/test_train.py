@@ -277,3 +277,27 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
     assert "checkpoint step 4 is unreadable" in out and "resumed from step 2" in out
     assert list((tmp_path / "checkpoints_unreadable").iterdir())  # kept aside, not deleted
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4, 5]  # keep=2
+
+
+@pytest.mark.slow
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    import resource
+
+    first = _cli(tmp_path, "train.steps=2", "checkpoint.every=2")
+    assert first.wait(timeout=600) == 0, first.stdout.read()
+
+    def small_disk():  # a write past 100 KB fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    full = subprocess.run([sys.executable, "-m", "codegen_jax.cli", "train", *CLI_ARGS, "--workdir", str(tmp_path),
+                           "train.steps=4", "checkpoint.every=2"], capture_output=True, text=True, env=env,
+                          preexec_fn=small_disk, timeout=600)
+    assert full.returncode == 2, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert "failed" in last and "the earlier checkpoints are intact" in last
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    again = _cli(tmp_path, "train.steps=4", "checkpoint.every=2")
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0 and "resumed from step 2" in out, out

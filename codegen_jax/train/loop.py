@@ -178,9 +178,19 @@ def evaluate(run: _Run) -> dict[str, float]:
             "eval_bpb": totals["nll_sum"] / math.log(2) / max(totals["bytes"], 1.0)}
 
 
+def _save_failed(step: int | None, e: Exception) -> UserError:
+    what = f"saving checkpoint step {step}" if step is not None else "finishing a checkpoint save"
+    reason = str(e).splitlines()[0][:200] if str(e) else ""
+    return UserError(f"{what} failed ({type(e).__name__}: {reason}); the earlier checkpoints are intact: "
+                     "free disk space and run the same command to resume")
+
+
 def _save(run: _Run, step: int) -> None:
-    ckpt.save(run.mngr, step, params=run.state.params, opt_state=run.state.opt_state, cfg=run.cfg,
-              tokenizer=run.tokenizer, data_iterator=run.data)
+    try:  # also raises a failure of the previous, asynchronous save
+        ckpt.save(run.mngr, step, params=run.state.params, opt_state=run.state.opt_state, cfg=run.cfg,
+                  tokenizer=run.tokenizer, data_iterator=run.data)
+    except Exception as e:  # noqa: BLE001 - disk full, permissions, quota: all the user's to fix
+        raise _save_failed(step, e) from None
 
 
 def _prepare_workdir(cfg: Config, workdir: str | None) -> Path:
@@ -269,9 +279,15 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
                 break
     finally:
         bar.close()
-        run.mngr.wait_until_finished()
+        try:
+            run.mngr.wait_until_finished()
+            save_error = None
+        except Exception as e:  # noqa: BLE001 - reported below unless another error is on its way out
+            save_error = _save_failed(None, e)
         writer.close()
         preempt.restore()
+    if save_error is not None:
+        raise save_error
     result = {"losses": losses, "eval": last_eval, "workdir": str(path), "preempted": bool(preempt.signal)}
     if samples and not preempt.signal and cfg.train.sample_prompts:
         result["samples"] = print_samples(run)
