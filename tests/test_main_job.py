@@ -39,7 +39,7 @@ def test_main_job_shortened_then_generate(tmp_path):
 
     # issue "HF interop", done-when: the trained model exported and run by transformers gives the same
     # greedy tokens as `codegen-jax generate`
-    torch = pytest.importorskip("torch")
+    import torch
     import transformers
 
     greedy = _cli("generate", "--checkpoint", str(tmp_path), "--prompt", "def add(a, b):\n", "--out",
