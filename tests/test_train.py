@@ -281,19 +281,19 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
 
 @pytest.mark.slow
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
-    import resource
-
     first = _cli(tmp_path, "train.steps=2", "checkpoint.every=2")
     assert first.wait(timeout=600) == 0, first.stdout.read()
 
-    def small_disk():  # a write past 100 KB fails with EFBIG, as on a full disk
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
+    # a write past 100 KB fails with EFBIG, as on a full disk (set in the child itself: no preexec_fn,
+    # which is unsafe in this multithreaded process)
+    small_disk = ("import resource, runpy, signal, sys; "
+                  "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+                  "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); sys.argv[0] = 'codegen-jax'; "
+                  "runpy.run_module('codegen_jax.cli', run_name='__main__')")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    full = subprocess.run([sys.executable, "-m", "codegen_jax.cli", "train", *CLI_ARGS, "--workdir", str(tmp_path),
+    full = subprocess.run([sys.executable, "-c", small_disk, "train", *CLI_ARGS, "--workdir", str(tmp_path),
                            "train.steps=4", "checkpoint.every=2"], capture_output=True, text=True, env=env,
-                          preexec_fn=small_disk, timeout=600)
+                          timeout=600)
     assert full.returncode == 2, full.stderr[-3000:]
     # Orbax's save threads log the write error themselves, in any order with ours: find our line
     ours = [line for line in full.stderr.splitlines() if line.startswith("codegen-jax train: error: ")]
