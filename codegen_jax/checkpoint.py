@@ -2,15 +2,15 @@
 
 Layout: `WORKDIR/checkpoints/<step>/{params,opt_state,data,meta}`. `meta` (JSON) holds the step, the
 resolved config and the tokenizer's files, so a step directory alone is enough to reload a model.
-Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save
-never touches the previous step; a finalized step that fails to restore is skipped with a warning.
+Orbax writes each step into a temporary directory and renames it when complete (on an object store:
+writes a commit marker last), so a crash mid-save never touches the previous step; a finalized step
+that fails to restore is skipped with a warning. WORKDIR may be a local path or a gs:// / s3:// URL.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from codegen_jax import storage
 from codegen_jax.config import Config, ConfigError, from_dict
 from codegen_jax.errors import UserError
 
@@ -68,7 +69,7 @@ def materialize_tokenizer(files: dict[str, str], out_dir: str | Path) -> Path:
 def manager(workdir: str | Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
-    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
+    return ocp.CheckpointManager(storage.path(workdir) / "checkpoints", options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, params: Any, cfg: Config, tokenizer: Any,
@@ -85,9 +86,9 @@ def save(mngr: ocp.CheckpointManager, step: int, *, params: Any, cfg: Config, to
 
 
 def resolve(path: str | Path) -> tuple[Path, int | None]:
-    """A run's workdir, its `checkpoints/` dir or one step dir -> (checkpoints root, step or None=latest).
-    """
-    p = Path(path).absolute()
+    """A run's workdir, its `checkpoints/` dir or one step dir (local or a URL) -> (checkpoints root,
+    step or None=latest)."""
+    p = storage.path(path)
     if not p.is_dir():
         raise UserError(f"checkpoint not found: {path} (pass a run's workdir or one step directory)")
     if (p / "checkpoints").is_dir():
@@ -99,7 +100,7 @@ def resolve(path: str | Path) -> tuple[Path, int | None]:
     raise UserError(f"{path} holds no checkpoint (expected WORKDIR/checkpoints/<step>/ with a meta item)")
 
 
-def _read_data_state(directory: Path) -> bytes:
+def _read_data_state(directory: Any) -> bytes:
     """This process's iterator state, in the per-process files grain's CheckpointHandler writes.
 
     Every process iterates the same global stream and slices its rows at the end (data/pipeline.py),
@@ -146,7 +147,7 @@ def restore(mngr: ocp.CheckpointManager, *, abstract: dict[str, Any], data_itera
                 validate(meta)
             items = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
             out = mngr.restore(s, args=ocp.args.Composite(**items))
-            data_state = _read_data_state(Path(mngr.directory) / str(s) / "data") if data_iterator else None
+            data_state = _read_data_state(mngr.directory / str(s) / "data") if data_iterator else None
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - any unreadable step is skipped, never fatal
@@ -161,16 +162,15 @@ def restore(mngr: ocp.CheckpointManager, *, abstract: dict[str, Any], data_itera
     return None
 
 
-def quarantine_newer(mngr: ocp.CheckpointManager, step: int) -> list[Path]:
+def quarantine_newer(mngr: ocp.CheckpointManager, step: int) -> list[Any]:
     """Move unreadable steps newer than the restored `step` to `checkpoints_unreadable/`: training
     will write those step numbers again, and the broken files stay for inspection, never deleted."""
     moved = []
-    root = Path(mngr.directory)
+    root = mngr.directory
     for s in sorted(x for x in mngr.all_steps() if x > step):
         if jax.process_index() == 0:
             dest = root.parent / "checkpoints_unreadable" / f"{s}-{int(time.time())}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(root / str(s)), dest)
+            storage.move_tree(root / str(s), dest)
             log.warning("moved unreadable checkpoint step %s to %s", s, dest)
             moved.append(dest)
     from jax.experimental import multihost_utils
@@ -221,10 +221,10 @@ def load_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None
 
 
 def write_params_checkpoint(workdir: str | Path, cfg: Config, params: Any, tokenizer: Any,
-                            step: int = 0) -> Path:
+                            step: int = 0) -> Any:
     """A checkpoint holding params only (import-hf's output): generate, export-hf and
     `train --init-from` accept it."""
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(cfg.to_yaml())
     mngr = manager(workdir, keep=1, async_save=False)

@@ -98,7 +98,16 @@ def _load_config(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+# Options whose paths must be local: files other tools read from disk, or ones too small to be worth
+# staging. --workdir, --checkpoint, --init-from, --prompts-file and data paths may be gs:// / s3:// URLs.
+_LOCAL_ONLY = ("config", "out", "hf", "samples", "problems")
+
+
 def run(args: argparse.Namespace) -> int:
+    from codegen_jax.storage import require_local
+
+    for name in _LOCAL_ONLY:
+        require_local(getattr(args, name, None), "--" + name)
     verb = args.verb
     if verb == "train":
         cfg = _load_config(args)

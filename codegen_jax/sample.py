@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from codegen_jax import storage
 from codegen_jax.config import ModelConfig, SampleConfig
 from codegen_jax.errors import UserError
 from codegen_jax.jsonl import read_jsonl
@@ -543,7 +544,7 @@ def generate_cli(args: Any) -> None:
     file), or the prompt + completion text on stdout for --prompt. Timing goes to stderr."""
     check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
                   args.num_samples)
-    records = read_prompts(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt}]
+    records = read_prompts(storage.local_copy(args.prompts_file)) if args.prompts_file else [{"prompt": args.prompt}]
     stop = None if args.stop is None else [_unescape(s) for s in args.stop]
     gen = Generator.from_checkpoint(args.checkpoint)
     results = gen.generate([r["prompt"] for r in records], max_new_tokens=args.max_new_tokens,

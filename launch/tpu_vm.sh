@@ -4,13 +4,13 @@
 # and delete the TPU on request.
 #
 #   launch/tpu_vm.sh create  NAME ZONE ACCELERATOR [VERSION]   e.g. create cj-v5e v5litepod-8 ...
-#   launch/tpu_vm.sh install NAME ZONE                         copy this repo, pip install '.[tpu]'
+#   launch/tpu_vm.sh install NAME ZONE                         copy this repo, pip install '.[tpu,gcs]'
 #   launch/tpu_vm.sh train   NAME ZONE CONFIG [train arguments...]
 #   launch/tpu_vm.sh logs    NAME ZONE
 #   launch/tpu_vm.sh delete  NAME ZONE
 #
-# On pods, --workdir must be shared by every worker (e.g. a Cloud Storage FUSE mount at /gcs/BUCKET):
-# each worker writes its checkpoint shards there.
+# On pods, --workdir must be shared by every worker (e.g. gs://BUCKET/runs/NAME, read with the VM's
+# service account): each worker writes its checkpoint shards there.
 set -euo pipefail
 
 usage() {
@@ -40,7 +40,7 @@ case "$action" in
     tar -C "$repo" --exclude .venv --exclude runs --exclude .git -czf /tmp/codegen_jax.tgz .
     gcloud compute tpus tpu-vm scp /tmp/codegen_jax.tgz "$name":~/ --zone "$zone" --worker=all
     ssh_all "mkdir -p codegen_jax && tar -C codegen_jax -xzf codegen_jax.tgz && \
-      cd codegen_jax && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'"
+      cd codegen_jax && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu,gcs]'"
     ;;
   train)
     [[ $# -ge 1 ]] || usage

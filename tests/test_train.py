@@ -162,14 +162,6 @@ def test_resume_with_other_model_shape_fails_clearly(tmp_path):
         train(tiny_config(*SMALL_DATA, "train.steps=4", "model.n_layers=3"), workdir=str(tmp_path), samples=False)
 
 
-def test_url_workdir_is_refused_with_one_line(capsys):
-    from codegen_jax.cli import main
-
-    assert main(["train", "--config", "configs/tiny.yaml", "--workdir", "gs://bucket/run"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "URLs are not supported yet" in err[0]
-
-
 def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path):
     from codegen_jax import checkpoint as ckpt
     from codegen_jax.errors import UserError

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from codegen_jax import storage
 from codegen_jax.config import DataConfig
 from codegen_jax.data import sources
 from codegen_jax.data.clean import CleanStats, Document, clean_records
@@ -154,7 +155,7 @@ def texts_from_paths(paths: list[str]) -> Iterator[str]:
     skipped: dict[str, list[str]] = {}
     fields = sources.Fields()
     for raw in paths:
-        p = Path(raw).expanduser()
+        p = storage.local_copy(raw)
         if not p.exists():
             raise UserError(f"--data path not found: {p}")
         if sources.is_saved_dataset(p) or p.suffix in sources.DATA_FILE_EXTS:

@@ -15,6 +15,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from codegen_jax import storage
 from codegen_jax.errors import UserError
 
 LANGUAGES = {
@@ -125,7 +126,7 @@ def _existing(paths: list[str], what: str) -> list[Path]:
         raise UserError(f"{what} is empty; list source directories or data files")
     out = []
     for raw in paths:
-        p = Path(raw).expanduser()
+        p = storage.local_copy(raw)  # a URL is downloaded once per process
         if not p.exists():
             raise UserError(f"{what}: path not found: {p}")
         out.append(p)

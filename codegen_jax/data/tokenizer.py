@@ -14,12 +14,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from codegen_jax import storage
 from codegen_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -202,10 +204,11 @@ def _batches(texts: Iterable[str], n: int = 256) -> Iterator[list[str]]:
 
 
 def load_tokenizer(path: str | Path) -> CodeTokenizer:
-    """Load our saved tokenizer or any HF tokenizer directory (local only, never the hub)."""
+    """Load our saved tokenizer or any HF tokenizer directory (a local path or a gs:// / s3:// URL,
+    never the hub)."""
     from transformers import AutoTokenizer
 
-    p = Path(path)
+    p = storage.local_copy(path)
     if not p.is_dir():
         raise UserError(f"tokenizer directory not found: {p}")
     if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
@@ -224,7 +227,7 @@ def get_tokenizer(cfg: Config, workdir: str | Path) -> CodeTokenizer:
     if cfg.data.tokenizer:
         tok = load_tokenizer(cfg.data.tokenizer)
     else:
-        out = Path(workdir) / "tokenizer"
+        out = storage.path(workdir) / "tokenizer"
         if (out / "tokenizer.json").is_file():
             tok = load_tokenizer(out)
         else:
@@ -240,8 +243,16 @@ def get_tokenizer(cfg: Config, workdir: str | Path) -> CodeTokenizer:
     return tok
 
 
-def _save_atomically(tok: CodeTokenizer, out: Path) -> None:
-    """Save into a temporary sibling then rename, so a crash never leaves a half-written tokenizer."""
+def _save_atomically(tok: CodeTokenizer, out: Any) -> None:
+    """Save into a temporary sibling then rename, so a crash never leaves a half-written tokenizer.
+    At a URL (no rename): upload the files with tokenizer.json, the one `get_tokenizer` looks for, last."""
+    if storage.is_url(out):
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save(tmp)
+            files = sorted(Path(tmp).iterdir(), key=lambda f: f.name == "tokenizer.json")
+            for f in files:
+                storage.copy_file(f, out / f.name)
+        return
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tok.save(tmp)
     try:

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from codegen_jax import checkpoint as ckpt
-from codegen_jax import distributed
+from codegen_jax import distributed, storage
 from codegen_jax.config import Config, check_batch, mesh_shape
 from codegen_jax.data.pipeline import make_iterator
 from codegen_jax.data.tokenizer import get_tokenizer
@@ -193,11 +193,9 @@ def _save(run: _Run, step: int) -> None:
         raise _save_failed(step, e) from None
 
 
-def _prepare_workdir(cfg: Config, workdir: str | None) -> Path:
-    if workdir and "://" in workdir:
-        raise UserError(f"--workdir {workdir}: URLs are not supported yet; mount the bucket (e.g. Cloud "
-                        "Storage FUSE at /gcs/BUCKET) and pass the mounted path")
-    path = Path(workdir or f"runs/{cfg.name}")
+def _prepare_workdir(cfg: Config, workdir: str | None) -> Any:
+    """The run directory (a local path or a gs:// / s3:// URL), created, with the resolved config."""
+    path = storage.path(workdir or f"runs/{cfg.name}")
     if distributed.is_main():
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.yaml").write_text(cfg.to_yaml())

@@ -4,12 +4,16 @@ FLOP/s figure that MFU divides by."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from codegen_jax import storage
 
 # Dense bf16 peak per chip, for MFU when train.peak_flops is not set (vendor figures).
 _PEAK_BY_KIND = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -44,15 +48,25 @@ def peak_flops(configured_per_device: float) -> float:
 
 class MetricsWriter:
     """Writes every record to metrics.jsonl and TensorBoard, redraws loss.png at each eval. Process 0
-    only: the others get a writer that does nothing."""
+    only: the others get a writer that does nothing.
 
-    def __init__(self, workdir: Path, enabled: bool, use_wandb: bool = False, run_config: dict | None = None):
+    With a URL workdir (gs://, s3://) the files are written to a local directory and uploaded at each
+    eval, at least every `sync_every_s` seconds, and on close: object stores cannot append."""
+
+    def __init__(self, workdir: Any, enabled: bool, use_wandb: bool = False, run_config: dict | None = None,
+                 sync_every_s: float = 60.0):
         self.enabled = enabled
-        self.workdir = workdir
+        self.remote = workdir if storage.is_url(workdir) else None
+        self.workdir = Path(tempfile.mkdtemp(prefix="codegen_jax_logs_")) if self.remote else Path(workdir)
         self.history: list[dict[str, Any]] = []
         self._tb = self._wandb = None
+        self._uploaded: dict[str, tuple[int, int]] = {}
+        self._sync_every_s, self._last_sync = sync_every_s, time.monotonic()
         if not enabled:
             return
+        if self.remote and (self.remote / "metrics.jsonl").exists():  # resuming: continue its records
+            storage.copy_file(self.remote / "metrics.jsonl", self.workdir / "metrics.jsonl")
+        workdir = self.workdir
         self._file = open(workdir / "metrics.jsonl", "a")
         try:
             from tensorboardX import SummaryWriter
@@ -93,6 +107,17 @@ class MetricsWriter:
             self._wandb.log(record, step=step)
         if "eval_loss" in record:
             self.plot()
+        if self.remote and ("eval_loss" in record or time.monotonic() - self._last_sync > self._sync_every_s):
+            self.sync()
+
+    def sync(self) -> None:
+        """Upload new or changed files to the URL workdir (a no-op for a local one)."""
+        if self.enabled and self.remote:
+            self._file.flush()
+            if self._tb is not None:
+                self._tb.flush()
+            storage.sync_tree(self.workdir, self.remote, self._uploaded, skip=("wandb",))
+            self._last_sync = time.monotonic()
 
     def plot(self) -> None:
         import matplotlib
@@ -118,8 +143,11 @@ class MetricsWriter:
     def close(self) -> None:
         if not self.enabled:
             return
-        self._file.close()
         if self._tb is not None:
             self._tb.close()
+        self._file.close()
+        if self.remote:
+            storage.sync_tree(self.workdir, self.remote, self._uploaded, skip=("wandb",))
+            shutil.rmtree(self.workdir, ignore_errors=True)
         if self._wandb is not None:
             self._wandb.finish()
