@@ -13,7 +13,6 @@ import functools
 import hashlib
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 from codegen_jax import storage
 from codegen_jax.config import DataConfig
