@@ -80,8 +80,7 @@ def compiled_activation_bytes(cfg: Config) -> int | None:
 def _compile_step_temp_bytes(cfg: Config, mesh) -> int:
     from flax import nnx
 
-    from codegen_jax.sharding import state_shardings
-    from codegen_jax.train.loop import _opt_shardings
+    from codegen_jax.sharding import opt_state_shardings, state_shardings
     from codegen_jax.train.optim import make_optimizer, schedule
     from codegen_jax.train.step import TrainState, make_train_step
 
@@ -91,7 +90,7 @@ def _compile_step_temp_bytes(cfg: Config, mesh) -> int:
                           nnx.to_pure_dict(abs_state), params_sh)
     opt = make_optimizer(cfg.optim, cfg.train.steps)
     opt_abs = jax.eval_shape(opt.init, params)
-    opt_sh = _opt_shardings(opt_abs, params_sh, mesh)
+    opt_sh = opt_state_shardings(opt_abs, params_sh, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_sh = TrainState(replicated, params_sh, opt_sh)
     step = make_train_step(graphdef, opt, schedule(cfg.optim, cfg.train.steps), mesh, state_sh,

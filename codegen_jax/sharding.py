@@ -92,6 +92,23 @@ def state_shardings(abs_state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def opt_state_shardings(abstract_opt: Any, params_sh: Any, mesh: Mesh) -> Any:
+    """Optimizer-state shardings: a leaf that mirrors a parameter (Adam's mu, nu) is sharded like it,
+    anything else (step counters) is replicated."""
+    by_path = {tuple(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sh)[0]}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        path = tuple(path)
+        for i in range(len(path)):
+            sh = by_path.get(path[i:])
+            if sh is not None and len(sh.spec) <= len(leaf.shape):
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a [batch, ...] input: batch over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))

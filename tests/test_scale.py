@@ -50,13 +50,13 @@ def test_param_and_optimizer_memory_scale_with_fsdp():
             mesh = make_mesh({"data": 8 // fsdp, "fsdp": fsdp, "tensor": 1})
             from codegen_jax.model import create_model
             from codegen_jax.train.optim import make_optimizer
-            from codegen_jax.sharding import state_shardings
+            from codegen_jax.sharding import opt_state_shardings, state_shardings
             from flax import nnx
             model = create_model(cfg.model, mesh)
             st = nnx.state(model)
             params, sh = nnx.to_pure_dict(st), nnx.to_pure_dict(state_shardings(st, mesh))
             opt = make_optimizer(cfg.optim, 10)
-            opt_sh = loop._opt_shardings(jax.eval_shape(opt.init, params), sh, mesh)
+            opt_sh = opt_state_shardings(jax.eval_shape(opt.init, params), sh, mesh)
             opt_state = jax.jit(opt.init, out_shardings=opt_sh)(params)
             dev0 = jax.devices()[0]
             on_dev0 = sum(s.data.nbytes for x in jax.tree.leaves((params, opt_state))

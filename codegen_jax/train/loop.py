@@ -27,7 +27,7 @@ from codegen_jax.data.pipeline import make_iterator
 from codegen_jax.data.tokenizer import get_tokenizer
 from codegen_jax.errors import UserError
 from codegen_jax.model import create_model, flops_per_token, layer_layout
-from codegen_jax.sharding import global_batch, make_mesh, state_shardings
+from codegen_jax.sharding import global_batch, make_mesh, opt_state_shardings, state_shardings
 from codegen_jax.train.metrics import MetricsWriter, peak_flops
 from codegen_jax.train.optim import make_optimizer, schedule
 from codegen_jax.train.step import TrainState, make_eval_step, make_train_step
@@ -54,23 +54,6 @@ class _Preemption:
     def restore(self):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-
-
-def _opt_shardings(abstract_opt: Any, params_sh: Any, mesh) -> Any:
-    """Optimizer-state shardings: a leaf that mirrors a parameter (Adam's mu, nu) is sharded like it,
-    anything else (step counters) is replicated."""
-    by_path = {tuple(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sh)[0]}
-    replicated = NamedSharding(mesh, P())
-
-    def pick(path, leaf):
-        path = tuple(path)
-        for i in range(len(path)):
-            sh = by_path.get(path[i:])
-            if sh is not None and len(sh.spec) <= len(leaf.shape):
-                return sh
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
 def _check_model_compatible(saved: dict, cfg: Config, source: str, layout_matters: bool = True) -> None:
@@ -125,7 +108,7 @@ def _setup(cfg: Config, workdir: Path, init_from: str | None) -> _Run:
     params = nnx.to_pure_dict(params_state)
     params_sh = nnx.to_pure_dict(state_shardings(params_state, mesh))
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    opt_sh = _opt_shardings(jax.eval_shape(optimizer.init, params), params_sh, mesh)
+    opt_sh = opt_state_shardings(jax.eval_shape(optimizer.init, params), params_sh, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
     replicated = NamedSharding(mesh, P())
     state_sh = TrainState(replicated, params_sh, opt_sh)
