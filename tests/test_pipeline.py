@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import multiprocessing
 
 import grain
 import numpy as np
@@ -205,3 +206,16 @@ def test_prompts_longer_than_half_a_row_are_counted_skips(tmp_path, small_tokeni
     cfg.data.seq_len = 8
     with pytest.raises(UserError, match="seq_len"):
         pipeline.make_iterator(cfg, small_tokenizer)
+
+
+def test_worker_processes_give_the_in_process_batches_and_resume(code_corpus, small_tokenizer):
+    cfg = _cfg(code_corpus, seq_len=64, pair_ratio=0.3)
+    expected = _take(pipeline.make_iterator(cfg, small_tokenizer), 6)
+    cfg.data.num_workers = 2
+    it = pipeline.make_iterator(cfg, small_tokenizer)
+    _assert_same(_take(it, 3), expected[:3])
+    assert any("grain" in p.name for p in multiprocessing.active_children())  # came through a worker
+    state = json.loads(json.dumps(it.get_state()))
+    restored = pipeline.make_iterator(cfg, small_tokenizer)
+    restored.set_state(state)
+    _assert_same(_take(restored, 3), expected[3:])
