@@ -263,3 +263,64 @@ def test_works_without_pidfd(monkeypatch):
     monkeypatch.delattr("os.pidfd_open")  # the evaluator side polls waitid(WNOWAIT) instead
     assert run_program(GOOD, TEST, "f").passed
     assert run("import time\ntime.sleep(1000)", timeout=0.5).status == "timeout"
+
+
+# --- started by an unprivileged user (no privilege drop; a user namespace instead) ----------
+
+_UNPRIVILEGED = r'''
+import json, socket, sys
+from codegen_jax.eval.sandbox import run_program
+TEST, GOOD, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+attacks = {
+    "good": "",
+    "network": f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'x')",
+    "fork-bomb": "import os\nwhile True:\n    os.fork()",
+    "busy-loop": "while True:\n    pass",
+}
+out = {}
+for name, attack in attacks.items():
+    r = run_program(attack + "\n" + GOOD, TEST, "f", timeout=2.0)
+    out[name] = [r.status, list(r.isolation)]
+print(json.dumps(out))
+'''
+
+
+@needs_root
+def test_started_by_an_unprivileged_user():
+    """The evaluator run as uid 65534 (no root, so no privilege drop): verdicts are the same and
+    the attacks are contained, by a user + network namespace where the kernel allows one."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # the sandbox and harness are stdlib-only: copy them where an unprivileged user can read them,
+    # and run them with an interpreter outside /root (the venv's base may not be readable)
+    pkg = Path(__file__).resolve().parents[1] / "codegen_jax"
+    tmp_path = Path(tempfile.mkdtemp(prefix="codegen-jax-unprivileged-"))  # pytest's tmp is root-only
+    (tmp_path / "codegen_jax" / "eval").mkdir(parents=True)
+    for rel in ("__init__.py", "eval/__init__.py", "eval/sandbox.py", "eval/_harness.py"):
+        shutil.copy(pkg / rel, tmp_path / "codegen_jax" / rel)
+    os.chmod(tmp_path, 0o755)
+    for p in tmp_path.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(0.2)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
+                               _UNPRIVILEGED, TEST, GOOD, str(server.getsockname()[1])],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env={"PATH": os.environ["PATH"], "PYTHONPATH": str(tmp_path)})
+        shutil.rmtree(tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with pytest.raises(TimeoutError):
+            server.accept()  # nothing got through
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["good"][0] == "passed"
+    assert out["network"][0] == "exception" and out["fork-bomb"][0] == "exception"
+    assert out["busy-loop"][0] == "timeout"
+    if "user" in out["good"][1]:
+        assert "net" in out["good"][1]
