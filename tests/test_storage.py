@@ -1,6 +1,7 @@
 """gs:// run directories, checkpoints and data: a training run against a local Cloud Storage server
 (tests/gcs_emulator.py) equals the same run on local disk, resumes exactly, moves an unreadable step
-aside, and generates; URLs where only local paths work are refused with one line."""
+aside, and generates; a checkpoint two processes wrote to the bucket resumes in one; URLs where only
+local paths work are refused with one line."""
 
 import json
 import os
@@ -22,7 +23,7 @@ from conftest import write_code_corpus
 BUCKET = "bkt"
 TRAIN_ARGS = ["model.d_model=64", "model.n_layers=2", "model.d_ff=128", "model.vocab_size=512",
               "data.seq_len=64", "train.batch_size=8", "train.log_every=1", "train.eval_every=1000",
-              "train.sample_prompts=[]", "checkpoint.every=3", "optim.schedule_steps=6", "data.source=files"]
+              "train.sample_prompts=[]", "checkpoint.every=3", "optim.schedule_steps=6"]
 CLI = str(Path(sys.executable).with_name("codegen-jax"))
 
 
@@ -131,12 +132,12 @@ def test_gcs_run_equals_local_run_resumes_and_generates(gcs, tmp_path):
 
     local = tmp_path / "local"
     _run(env, "train", "--config", "configs/tiny.yaml", "--workdir", str(local), *TRAIN_ARGS,
-         f"data.paths=[{corpus}]", "train.steps=6")
+         "data.source=files", f"data.paths=[{corpus}]", "train.steps=6")
     ref = _losses((local / "metrics.jsonl").read_text())
 
     run = f"gs://{BUCKET}/run"
     args = ["train", "--config", "configs/tiny.yaml", "--workdir", run, *TRAIN_ARGS,
-            f"data.paths=[gs://{BUCKET}/data/corpus]"]
+            "data.source=files", f"data.paths=[gs://{BUCKET}/data/corpus]"]
     _run(env, *args, "train.steps=3")
     assert "resumed from step 3" in _run(env, *args, "train.steps=6")
     got = _losses(_read(url, "run/metrics.jsonl").decode())
@@ -168,6 +169,22 @@ def test_gcs_run_equals_local_run_resumes_and_generates(gcs, tmp_path):
 def test_missing_gcs_data_path_is_one_line(gcs, tmp_path):
     env, _ = gcs
     out = _run(env, "train", "--config", "configs/tiny.yaml", "--workdir", str(tmp_path / "w"), *TRAIN_ARGS,
-               f"data.paths=[gs://{BUCKET}/no/such/dir]", expect=2)
+               "data.source=files", f"data.paths=[gs://{BUCKET}/no/such/dir]", expect=2)
     errors = [line for line in out.splitlines() if "error:" in line]
     assert errors == [f"codegen-jax train: error: path not found: gs://{BUCKET}/no/such/dir"]
+
+
+@pytest.mark.slow
+def test_gcs_checkpoint_from_two_processes_resumes_in_one(gcs):
+    env, url = gcs
+    run = f"gs://{BUCKET}/mp"
+    args = ["configs/tiny.yaml", "--workdir", run, *TRAIN_ARGS, "data.max_docs=150"]  # the stdlib corpus
+    mp_env = dict(env, DEVICES_PER_PROCESS="2", CODEGEN_JAX=CLI)
+    proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", *args, "train.steps=3"],
+                          capture_output=True, text=True, env=mp_env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "mp/checkpoints/3/data/process_1-of-2.json" in _objects(url, "mp/")
+    # one process reads the iterator state that two processes wrote (process_0-of-2.json)
+    assert "resumed from step 3" in _run(env, "train", "--config", *args, "train.steps=6")
+    losses = _losses(_read(url, "mp/metrics.jsonl").decode())
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
