@@ -216,8 +216,9 @@ def load_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None
     cfg, params, meta, step = load_params(path, mesh)
     graphdef, _ = abstract_model(cfg.model)
     model = nnx.merge(graphdef, params)
-    tok_dir = materialize_tokenizer(meta["tokenizer"], tempfile.mkdtemp(prefix="codegen_jax_tok_"))
-    return cfg, model, load_tokenizer(tok_dir), step
+    with tempfile.TemporaryDirectory(prefix="codegen_jax_tok_") as tmp:  # loaded into memory: not kept
+        tokenizer = load_tokenizer(materialize_tokenizer(meta["tokenizer"], tmp))
+    return cfg, model, tokenizer, step
 
 
 def write_params_checkpoint(workdir: str | Path, cfg: Config, params: Any, tokenizer: Any,

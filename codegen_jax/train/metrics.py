@@ -3,6 +3,7 @@ FLOP/s figure that MFU divides by."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import tempfile
@@ -57,13 +58,16 @@ class MetricsWriter:
                  sync_every_s: float = 60.0):
         self.enabled = enabled
         self.remote = workdir if storage.is_url(workdir) else None
-        self.workdir = Path(tempfile.mkdtemp(prefix="codegen_jax_logs_")) if self.remote else Path(workdir)
+        self.workdir = Path(workdir) if not self.remote else None
         self.history: list[dict[str, Any]] = []
         self._tb = self._wandb = None
         self._uploaded: dict[str, tuple[int, int]] = {}
         self._sync_every_s, self._last_sync = sync_every_s, time.monotonic()
         if not enabled:
             return
+        if self.remote:  # the local copy goes when the run ends (close), or at exit after a crash
+            self.workdir = Path(tempfile.mkdtemp(prefix="codegen_jax_logs_"))
+            atexit.register(shutil.rmtree, self.workdir, ignore_errors=True)
         if self.remote and (self.remote / "metrics.jsonl").exists():  # resuming: continue its records
             storage.copy_file(self.remote / "metrics.jsonl", self.workdir / "metrics.jsonl")
         workdir = self.workdir
@@ -146,8 +150,8 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
         self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self.remote:
             storage.sync_tree(self.workdir, self.remote, self._uploaded, skip=("wandb",))
             shutil.rmtree(self.workdir, ignore_errors=True)
-        if self._wandb is not None:
-            self._wandb.finish()
