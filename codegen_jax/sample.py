@@ -544,7 +544,10 @@ def generate_cli(args: Any) -> None:
     file), or the prompt + completion text on stdout for --prompt. Timing goes to stderr."""
     check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
                   args.num_samples)
-    records = read_prompts(storage.local_copy(args.prompts_file)) if args.prompts_file else [{"prompt": args.prompt}]
+    if args.prompts_file:
+        records = read_prompts(storage.local_copy(args.prompts_file))
+    else:
+        records = [{"prompt": args.prompt}]
     stop = None if args.stop is None else [_unescape(s) for s in args.stop]
     gen = Generator.from_checkpoint(args.checkpoint)
     results = gen.generate([r["prompt"] for r in records], max_new_tokens=args.max_new_tokens,

@@ -24,8 +24,8 @@ from etils import epath
 
 from codegen_jax.errors import UserError
 
-# URL scheme -> (module that etils.epath needs for it, pip extra that installs it)
-_BACKENDS = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")}
+# URL scheme -> (modules etils.epath can use for it, pip extra that installs the first)
+_BACKENDS = {"gs": (("gcsfs", "tensorflow"), "gcs"), "s3": (("s3fs",), "s3")}
 
 
 class _NoBucketTypeWarning(logging.Filter):
@@ -55,9 +55,10 @@ def path(p: str | Path | epath.Path) -> Path | epath.Path:
     scheme = str(p).split("://", 1)[0]
     if scheme not in _BACKENDS:
         raise UserError(f"{p}: unsupported URL scheme {scheme}://; use a local path, gs:// or s3://")
-    module, extra = _BACKENDS[scheme]
-    if importlib.util.find_spec(module) is None and importlib.util.find_spec("tensorflow") is None:
-        raise UserError(f"{p}: {scheme}:// paths need the {module} package; pip install 'codegen-jax[{extra}]'")
+    modules, extra = _BACKENDS[scheme]
+    if all(importlib.util.find_spec(m) is None for m in modules):
+        raise UserError(f"{p}: {scheme}:// paths need the {modules[0]} package; "
+                        f"pip install 'codegen-jax[{extra}]'")
     return epath.Path(str(p))
 
 
@@ -65,7 +66,7 @@ def require_local(p: str | None, flag: str) -> None:
     """Refuse a URL where only local paths work (outputs that other tools read from disk)."""
     if p is not None and is_url(p):
         raise UserError(f"{flag} {p}: must be a local path (URLs work for --workdir, --checkpoint, "
-                        "--init-from, data.paths and data.tokenizer)")
+                        "--init-from, --prompts-file, data.paths and data.tokenizer)")
 
 
 def walk_files(root: Path | epath.Path) -> Iterator[Path | epath.Path]:
