@@ -8,8 +8,8 @@ How one batch of prompts runs (shapes bucketed, so a stream of requests compiles
      each row's first token from its last position.
   3. decode (one jitted program): a `lax.while_loop` of one-token steps (slot P+i, position L+i) that
      exits as soon as every row is done (EOS) or the step limit is hit. Finished rows emit pad. The
-     step is the Decoder's math over per-layer params and per-layer [b, g, s, k] caches updated in
-     place (see `decode_step`), which keeps a step's cost independent of copying the cache.
+     step is the Decoder's math over per-layer params and per-layer caches (keys [b, g, k, s], values
+     [b, g, s, k]) updated in place (see `decode_step`), which keeps a step's cost independent of copying the cache.
   4. host: decode the text and cut it at the earliest stop string. With stop strings, the decode
      program is called for `stop_check_every` steps at a time and rows whose text already holds a
      stop string are marked done, so a batch ends early (still no Python loop per token).
