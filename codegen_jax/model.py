@@ -390,10 +390,18 @@ def decode_step(model: nnx.Module, cache: dict[str, Any], token_b: jax.Array, po
     return logits_bv, {"k": ks, "v": vs, "segment_ids": seg_bs, "index": index + 1}
 
 
-def per_layer_cache(cache: dict[str, jax.Array]) -> dict[str, Any]:
+def per_layer_cache(cache: dict[str, jax.Array], length: int | None = None) -> dict[str, Any]:
     """The Decoder's [l, b, s, g, k] cache as per-layer keys [b, g, k, s] and values [b, g, s, k]
-    (done once, after prefill)."""
-    n = cache["k"].shape[0]
-    return {"k": [constrain(cache["k"][i].transpose(0, 2, 3, 1), *K_BGKS) for i in range(n)],
-            "v": [constrain(cache["v"][i].transpose(0, 2, 1, 3), *V_BGSK) for i in range(n)],
-            "segment_ids": constrain(cache["segment_ids"], "batch", "length"), "index": cache["index"]}
+    (done once, after prefill), padded with empty slots (segment 0) to `length` slots if given."""
+    n, s = cache["k"].shape[0], cache["k"].shape[2]
+    pad = (length or s) - s
+
+    def keys(x_bsgk):
+        return constrain(jnp.pad(x_bsgk.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, pad))), *K_BGKS)
+
+    def values(x_bsgk):
+        return constrain(jnp.pad(x_bsgk.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0))), *V_BGSK)
+
+    return {"k": [keys(cache["k"][i]) for i in range(n)], "v": [values(cache["v"][i]) for i in range(n)],
+            "segment_ids": constrain(jnp.pad(cache["segment_ids"], ((0, 0), (0, pad))), "batch", "length"),
+            "index": cache["index"]}
