@@ -9,7 +9,8 @@ How one batch of prompts runs (shapes bucketed, so a stream of requests compiles
   3. decode (one jitted program): a `lax.while_loop` of one-token steps (slot P+i, position L+i) that
      exits as soon as every row is done (EOS) or the step limit is hit. Finished rows emit pad. The
      step is the Decoder's math over per-layer params and per-layer caches (keys [b, g, k, s], values
-     [b, g, s, k]) updated in place (see `decode_step`), which keeps a step's cost independent of copying the cache.
+     [b, g, s, k]) updated in place (see `decode_step`), which keeps a step's cost independent of
+     copying the cache.
   4. host: decode the text and cut it at the earliest stop string. With stop strings, the decode
      program is called for `stop_check_every` steps at a time and rows whose text already holds a
      stop string are marked done, so a batch ends early (still no Python loop per token).
@@ -177,7 +178,8 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens_bp: jax.Array, posi
     cache = init_cache(model.cfg, b, p)
     cache["segment_ids"] = constrain(cache["segment_ids"], "batch", "length")
     logits_b1v, cache = model(tokens_bp, positions_bp, segment_ids_bp, cache=cache, last_only=True)
-    carry = {"cache": per_layer_cache(cache, cache_len), "out_bn": jnp.full((b, n_out), mode.pad_id, jnp.int32),
+    carry = {"cache": per_layer_cache(cache, cache_len),
+             "out_bn": jnp.full((b, n_out), mode.pad_id, jnp.int32),
              "token_b": jnp.zeros((b,), jnp.int32), "pos_b": positions_bp[:, -1] + 1,
              "done_b": ~active_b, "eos_b": jnp.zeros((b,), bool), "n_gen_b": jnp.zeros((b,), jnp.int32),
              "step": jnp.zeros((), jnp.int32)}
