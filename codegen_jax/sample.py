@@ -8,8 +8,9 @@ How one batch of prompts runs (shapes bucketed, so a stream of requests compiles
      each row's first token from its last position.
   3. decode (one jitted program): a `lax.while_loop` of one-token steps (slot P+i, position L+i) that
      exits as soon as every row is done (EOS) or the step limit is hit. Finished rows emit pad. The
-     step is the Decoder's math over per-layer params and per-layer [b, g, s, k] caches updated in
-     place (see `decode_step`), which keeps a step's cost independent of copying the cache.
+     step is the Decoder's math over per-layer params and per-layer caches (keys [b, g, k, s], values
+     [b, g, s, k]) updated in place (see `decode_step`), which keeps a step's cost independent of
+     copying the cache.
   4. host: decode the text and cut it at the earliest stop string. With stop strings, the decode
      program is called for `stop_check_every` steps at a time and rows whose text already holds a
      stop string are marked done, so a batch ends early (still no Python loop per token).
@@ -168,14 +169,18 @@ def _record(carry: dict[str, Any], token_b: jax.Array, mode: SamplingMode) -> di
 def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens_bp: jax.Array, positions_bp: jax.Array,
             segment_ids_bp: jax.Array, active_b: jax.Array, keys_b2: jax.Array, knobs_4: jax.Array, *,
             cache_len: int, n_out: int, mode: SamplingMode) -> dict[str, Any]:
-    """One forward pass over the left-padded prompts: fills cache slots [0, p) and samples token 0.
+    """One forward pass over the left-padded prompts: fills cache slots [0, p) of a `cache_len`-slot
+    cache and samples token 0.
     Returns the decode carry (cache, out buffer [b, n_out], last token, next position, flags, step)."""
     model = nnx.merge(graphdef, state)
-    b = tokens_bp.shape[0]
-    cache = init_cache(model.cfg, b, cache_len)
+    b, p = tokens_bp.shape
+    # the prompts attend over a p-slot cache (not all cache_len slots, 3x fewer for p = n_out / 2);
+    # the decode cache is that one padded with empty slots
+    cache = init_cache(model.cfg, b, p)
     cache["segment_ids"] = constrain(cache["segment_ids"], "batch", "length")
     logits_b1v, cache = model(tokens_bp, positions_bp, segment_ids_bp, cache=cache, last_only=True)
-    carry = {"cache": per_layer_cache(cache), "out_bn": jnp.full((b, n_out), mode.pad_id, jnp.int32),
+    carry = {"cache": per_layer_cache(cache, cache_len),
+             "out_bn": jnp.full((b, n_out), mode.pad_id, jnp.int32),
              "token_b": jnp.zeros((b,), jnp.int32), "pos_b": positions_bp[:, -1] + 1,
              "done_b": ~active_b, "eos_b": jnp.zeros((b,), bool), "n_gen_b": jnp.zeros((b,), jnp.int32),
              "step": jnp.zeros((), jnp.int32)}
