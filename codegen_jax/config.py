@@ -40,7 +40,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots_saveable
     scan_layers: bool = True
-    attention: str = "xla"  # xla | cudnn (GPU) | auto
+    attention: str = "xla"  # xla (blockwise causal in training) | cudnn (GPU) | auto (jax picks)
 
 
 @dataclasses.dataclass

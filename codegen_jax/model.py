@@ -52,15 +52,18 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(x_btd.dtype) * x32.astype(x_btd.dtype)
 
 
-def rope(x_bthk: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding in HF's rotate-half layout (first half / second half, not interleaved)."""
-    k = x_bthk.shape[-1]
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding of x [..., k] at `positions` shaped like x[..., 0] up to broadcasting ([b, t, 1]
+    for [b, t, h, k], [b, 1, t] for head-major [b, h, t, k]), in HF's rotate-half layout (first half /
+    second half, not interleaved). HF's x * cos + rotate_half(x) * sin written on the halves,
+    [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]: half-width cos/sin and no negated copy, ~40% less
+    work forward and backward on CPU."""
+    k = x.shape[-1]
     inv_freq_k2 = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
-    freqs_btk2 = positions_bt.astype(jnp.float32)[..., None] * inv_freq_k2
-    angles_btk = jnp.concatenate([freqs_btk2, freqs_btk2], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles_btk).astype(x_bthk.dtype), jnp.sin(angles_btk).astype(x_bthk.dtype)
-    x1, x2 = jnp.split(x_bthk, 2, axis=-1)
-    return x_bthk * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq_k2  # [b, t, 1, k/2] or [b, 1, t, k/2]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = x[..., : k // 2], x[..., k // 2:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def attention_mask(seg_q_bt: jax.Array, seg_k_bs: jax.Array, slot_q_bt: jax.Array,
@@ -70,6 +73,37 @@ def attention_mask(seg_q_bt: jax.Array, seg_k_bs: jax.Array, slot_q_bt: jax.Arra
     same = seg_q_bt[:, :, None] == seg_k_bs[:, None, :]
     causal = slot_q_bt[:, :, None] >= slot_k_bs[:, None, :]
     return (same & causal)[:, None, :, :]
+
+
+ATTENTION_BLOCK = 128  # query rows per block of the causal attention (64-128 measured best on CPU)
+
+
+def causal_attention(q_bhtk: jax.Array, k_bgtk: jax.Array, v_bgtk: jax.Array, segment_ids_bt: jax.Array,
+                     block: int = ATTENTION_BLOCK) -> jax.Array:
+    """Causal, segment-masked grouped-query attention of a row with itself (training), head-major
+    [b, h, t, k] in and out, blockwise: each block of `block` queries attends only to the keys up to
+    its own end, so the logits above the diagonal blocks are never computed (5/8 of the full [t, t]
+    work at 4 blocks, tending to 1/2). Numerics of `jax.nn.dot_product_attention`: fp32 logits and
+    softmax, masked with -0.7 * max, probabilities cast back to the value dtype."""
+    b, h, t, kd = q_bhtk.shape
+    g = k_bgtk.shape[1]
+    logits_dtype = jnp.promote_types(q_bhtk.dtype, jnp.float32)
+    masked = -0.7 * jnp.finfo(logits_dtype).max
+    q_bgrtk = q_bhtk.reshape(b, g, h // g, t, kd)  # the r = h / g query heads sharing a kv head
+    k_bgsk, v_bgsk = k_bgtk, v_bgtk  # keys and values indexed by key slot s
+    slots_t = jnp.arange(t)
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        logits = jnp.einsum("bgrtk,bgsk->bgrts", q_bgrtk[:, :, :, start:end], k_bgsk[:, :, :end],
+                            preferred_element_type=logits_dtype) * jnp.array(kd ** -0.5, logits_dtype)
+        same_tt = segment_ids_bt[:, start:end, None] == segment_ids_bt[:, None, :end]
+        mask_tt = same_tt & (slots_t[start:end, None] >= slots_t[None, :end])
+        logits = jnp.where(mask_tt[:, None, None], logits, masked)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v_bgsk.dtype)
+        outs.append(jnp.einsum("bgrts,bgsk->bgrtk", probs, v_bgsk[:, :, :end]))
+    o_bgrtk = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    return o_bgrtk.reshape(b, h, t, kd)
 
 
 def dot_product_attention(q_bthk, k_bsgk, v_bsgk, mask_b1ts, impl: str) -> jax.Array:
@@ -98,16 +132,35 @@ class Attention(nnx.Module):
             y = y + getattr(self, b_name)[...].astype(x_btd.dtype)
         return y
 
+    def _project_heads_first(self, x_btd, w, b_name):
+        y = jnp.einsum("btd,dhk->bhtk", x_btd, w[...].astype(x_btd.dtype))
+        if self.cfg.attention_bias:
+            y = y + getattr(self, b_name)[...].astype(x_btd.dtype)[None, :, None, :]
+        return y
+
+    def _self_attention(self, x_btd, positions_bt, segment_ids_bt):
+        """Training (no cache): head-major [b, h, t, k] from the projections on, so the blockwise
+        attention's matmuls need no transposes, then straight back to [b, t, d]."""
+        cfg, pos_b1t = self.cfg, positions_bt[:, None, :]
+        q_bhtk = rope(self._project_heads_first(x_btd, self.w_q_dhk, "b_q_hk"), pos_b1t, cfg.rope_theta)
+        k_bgtk = rope(self._project_heads_first(x_btd, self.w_k_dgk, "b_k_gk"), pos_b1t, cfg.rope_theta)
+        v_bgtk = self._project_heads_first(x_btd, self.w_v_dgk, "b_v_gk")
+        q_bhtk = constrain(q_bhtk, "batch", "heads", "length", None)
+        o_bhtk = causal_attention(q_bhtk, k_bgtk, v_bgtk, segment_ids_bt)
+        return jnp.einsum("bhtk,hkd->btd", o_bhtk, self.w_o_hkd[...].astype(x_btd.dtype))
+
     def __call__(self, x_btd, positions_bt, segment_ids_bt, cache_kv=None, cache_seg_bs=None,
                  index=None):
         """Returns (out_btd, (k_bsgk, v_bsgk)): the new cache for this layer, or None without one."""
         cfg = self.cfg
-        q_bthk = rope(self._project(x_btd, self.w_q_dhk, "b_q_hk"), positions_bt, cfg.rope_theta)
-        k_btgk = rope(self._project(x_btd, self.w_k_dgk, "b_k_gk"), positions_bt, cfg.rope_theta)
+        if cache_kv is None and cfg.attention == "xla":
+            return self._self_attention(x_btd, positions_bt, segment_ids_bt), None
+        q_bthk = rope(self._project(x_btd, self.w_q_dhk, "b_q_hk"), positions_bt[..., None], cfg.rope_theta)
+        k_btgk = rope(self._project(x_btd, self.w_k_dgk, "b_k_gk"), positions_bt[..., None], cfg.rope_theta)
         v_btgk = self._project(x_btd, self.w_v_dgk, "b_v_gk")
         q_bthk = constrain(q_bthk, "batch", "length", "heads", None)
         t = x_btd.shape[1]
-        if cache_kv is None:  # training / full forward: keys are the queries' own row
+        if cache_kv is None:  # training / full forward with a fused kernel: keys are the row itself
             slots_bt = jnp.broadcast_to(jnp.arange(t), segment_ids_bt.shape)
             mask = attention_mask(segment_ids_bt, segment_ids_bt, slots_bt, slots_bt)
             new_kv, k_bsgk, v_bsgk = None, k_btgk, v_btgk
@@ -350,8 +403,8 @@ def _block_step(block: nnx.Module, x_b1d: jax.Array, pos_b1: jax.Array, k_bgks: 
     """`Block.__call__` for one new token per row, writing its k/v at cache slot `index`."""
     attn, cfg, dt = block.attn, block.attn.cfg, x_b1d.dtype
     h_b1d = block.attn_norm(x_b1d)
-    q_b1hk = rope(attn._project(h_b1d, attn.w_q_dhk, "b_q_hk"), pos_b1, cfg.rope_theta)
-    k_b1gk = rope(attn._project(h_b1d, attn.w_k_dgk, "b_k_gk"), pos_b1, cfg.rope_theta)
+    q_b1hk = rope(attn._project(h_b1d, attn.w_q_dhk, "b_q_hk"), pos_b1[..., None], cfg.rope_theta)
+    k_b1gk = rope(attn._project(h_b1d, attn.w_k_dgk, "b_k_gk"), pos_b1[..., None], cfg.rope_theta)
     v_b1gk = attn._project(h_b1d, attn.w_v_dgk, "b_v_gk")
     zero = jnp.zeros((), index.dtype)
     k_bgks = jax.lax.dynamic_update_slice(k_bgks, k_b1gk.transpose(0, 2, 3, 1).astype(k_bgks.dtype),
