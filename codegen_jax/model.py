@@ -126,25 +126,21 @@ class Attention(nnx.Module):
             self.b_v_gk = _param(rngs, (g, k), ("kv_heads", "head_dim"), pd, std=0.0)
         self.cfg = cfg
 
-    def _project(self, x_btd, w, b_name):
-        y = jnp.einsum("btd,dhk->bthk", x_btd, w[...].astype(x_btd.dtype))
+    def _project(self, x_btd, w, b_name, heads_first: bool = False):
+        """[b, t, h, k], or head-major [b, h, t, k] with `heads_first`."""
+        y = jnp.einsum("btd,dhk->bhtk" if heads_first else "btd,dhk->bthk", x_btd, w[...].astype(x_btd.dtype))
         if self.cfg.attention_bias:
-            y = y + getattr(self, b_name)[...].astype(x_btd.dtype)
-        return y
-
-    def _project_heads_first(self, x_btd, w, b_name):
-        y = jnp.einsum("btd,dhk->bhtk", x_btd, w[...].astype(x_btd.dtype))
-        if self.cfg.attention_bias:
-            y = y + getattr(self, b_name)[...].astype(x_btd.dtype)[None, :, None, :]
+            bias_hk = getattr(self, b_name)[...].astype(x_btd.dtype)
+            y = y + (bias_hk[:, None, :] if heads_first else bias_hk)
         return y
 
     def _self_attention(self, x_btd, positions_bt, segment_ids_bt):
         """Training (no cache): head-major [b, h, t, k] from the projections on, so the blockwise
         attention's matmuls need no transposes, then straight back to [b, t, d]."""
         cfg, pos_b1t = self.cfg, positions_bt[:, None, :]
-        q_bhtk = rope(self._project_heads_first(x_btd, self.w_q_dhk, "b_q_hk"), pos_b1t, cfg.rope_theta)
-        k_bgtk = rope(self._project_heads_first(x_btd, self.w_k_dgk, "b_k_gk"), pos_b1t, cfg.rope_theta)
-        v_bgtk = self._project_heads_first(x_btd, self.w_v_dgk, "b_v_gk")
+        q_bhtk = rope(self._project(x_btd, self.w_q_dhk, "b_q_hk", True), pos_b1t, cfg.rope_theta)
+        k_bgtk = rope(self._project(x_btd, self.w_k_dgk, "b_k_gk", True), pos_b1t, cfg.rope_theta)
+        v_bgtk = self._project(x_btd, self.w_v_dgk, "b_v_gk", True)
         q_bhtk = constrain(q_bhtk, "batch", "heads", "length", None)
         o_bhtk = causal_attention(q_bhtk, k_bgtk, v_bgtk, segment_ids_bt)
         return jnp.einsum("bhtk,hkd->btd", o_bhtk, self.w_o_hkd[...].astype(x_btd.dtype))
@@ -155,8 +151,9 @@ class Attention(nnx.Module):
         cfg = self.cfg
         if cache_kv is None and cfg.attention == "xla":
             return self._self_attention(x_btd, positions_bt, segment_ids_bt), None
-        q_bthk = rope(self._project(x_btd, self.w_q_dhk, "b_q_hk"), positions_bt[..., None], cfg.rope_theta)
-        k_btgk = rope(self._project(x_btd, self.w_k_dgk, "b_k_gk"), positions_bt[..., None], cfg.rope_theta)
+        pos_bt1 = positions_bt[..., None]
+        q_bthk = rope(self._project(x_btd, self.w_q_dhk, "b_q_hk"), pos_bt1, cfg.rope_theta)
+        k_btgk = rope(self._project(x_btd, self.w_k_dgk, "b_k_gk"), pos_bt1, cfg.rope_theta)
         v_btgk = self._project(x_btd, self.w_v_dgk, "b_v_gk")
         q_bthk = constrain(q_bthk, "batch", "length", "heads", None)
         t = x_btd.shape[1]

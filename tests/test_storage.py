@@ -77,8 +77,9 @@ def gcs():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("gcs_emulator.py")), str(port), BUCKET],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = Path(__file__).with_name("gcs_emulator.py")
+    proc = subprocess.Popen([sys.executable, str(server), str(port), BUCKET], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout.readline().strip() == "ready"
     url = f"http://127.0.0.1:{port}"
     # gcsfs (etils.epath) and tensorstore (Orbax arrays) each read their own endpoint variable
@@ -102,7 +103,8 @@ def _objects(url: str, prefix: str) -> list[str]:
 
 
 def _read(url: str, name: str) -> bytes:
-    with urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe='')}?alt=media") as r:
+    quoted = urllib.parse.quote(name, safe="")
+    with urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}/o/{quoted}?alt=media") as r:
         return r.read()
 
 
