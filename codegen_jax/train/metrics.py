@@ -68,8 +68,8 @@ class MetricsWriter:
         if self.remote:  # the local copy goes when the run ends (close), or at exit after a crash
             self.workdir = Path(tempfile.mkdtemp(prefix="codegen_jax_logs_"))
             atexit.register(shutil.rmtree, self.workdir, ignore_errors=True)
-        if self.remote and (self.remote / "metrics.jsonl").exists():  # resuming: continue its records
-            storage.copy_file(self.remote / "metrics.jsonl", self.workdir / "metrics.jsonl")
+            if (self.remote / "metrics.jsonl").exists():  # resuming: continue its records
+                storage.copy_file(self.remote / "metrics.jsonl", self.workdir / "metrics.jsonl")
         workdir = self.workdir
         self._file = open(workdir / "metrics.jsonl", "a")
         try:
