@@ -15,12 +15,15 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/codegen-jax train --config configs/tiny.yaml
 
-# The whole suite, slow multi-process tests included.
+# The whole suite, slow multi-process tests included. The test process gets the malloc setting that
+# `codegen-jax` gives itself (codegen_jax/hostenv.py): XLA steps in-process run 10-30% faster with it.
+TEST_ENV := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

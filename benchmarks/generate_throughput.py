@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.single_thread:  # must be set before jax initialises its CPU backend
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (HF runs in this process too)")
     rows = []
     for name in args.configs:
         rows += bench_config(name, args.batches, args.prompt_len, args.new_tokens, args.repeats, args.dtype)
@@ -196,4 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from codegen_jax.hostenv import reexec_with_tuned_malloc
+
+    reexec_with_tuned_malloc()  # both sides of the comparison share this process and its allocator
     sys.exit(main())

@@ -10,20 +10,26 @@ and the ratio to PyTorch. The targets (issue "Training") are MFU >= 55% for smal
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+if __name__ == "__main__":  # before jax is imported; ours and torch share this process and its allocator
+    from codegen_jax.hostenv import reexec_with_tuned_malloc
 
-from codegen_jax.config import load_config
-from codegen_jax.hf import to_hf_state_dict
-from codegen_jax.model import create_model, flops_per_token
-from codegen_jax.sharding import make_mesh, state_shardings
-from codegen_jax.train.metrics import matmul_probe_flops
-from codegen_jax.train.optim import make_optimizer, schedule
-from codegen_jax.train.step import TrainState, make_train_step
+    reexec_with_tuned_malloc()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from codegen_jax.config import load_config  # noqa: E402
+from codegen_jax.hf import to_hf_state_dict  # noqa: E402
+from codegen_jax.model import create_model, flops_per_token  # noqa: E402
+from codegen_jax.sharding import make_mesh, state_shardings  # noqa: E402
+from codegen_jax.train.metrics import matmul_probe_flops  # noqa: E402
+from codegen_jax.train.optim import make_optimizer, schedule  # noqa: E402
+from codegen_jax.train.step import TrainState, make_train_step  # noqa: E402
 
 # CPU-sized shapes per config: (batch, seq_len). fp32 compute; each config keeps its remat policy
 # (small's dots_saveable measured faster here than no remat: less memory traffic on 2 cores).
@@ -97,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     peak = matmul_probe_flops()
     print(f"devices: {jax.devices()[0].device_kind} x{jax.device_count()}; measured matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s")
+          f"{peak / 1e9:.1f} GFLOP/s; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     for name in args.configs.split(","):
         b, t = SHAPES[name]
         cfg = load_config(f"configs/{name}.yaml", ["model.dtype=float32", f"data.seq_len={t}",

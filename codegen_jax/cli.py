@@ -178,5 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `codegen-jax` console script and `python -m codegen_jax.cli`: `main` in a process whose
+    allocator is tuned for XLA (see hostenv.py; a re-exec, so before anything is imported)."""
+    from codegen_jax.hostenv import reexec_with_tuned_malloc
+
+    reexec_with_tuned_malloc()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
