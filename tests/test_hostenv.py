@@ -6,8 +6,8 @@ import sys
 
 from codegen_jax import hostenv
 
-THP_MADVISE = "[madvise]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read() \
-    if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled") else False
+THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+THP_MADVISE = os.path.exists(THP) and "[madvise]" in open(THP).read()  # else there is nothing to ask for
 
 
 def _clean_env() -> dict[str, str]:
@@ -17,7 +17,7 @@ def _clean_env() -> dict[str, str]:
 def test_tuned_environ_appends_once_and_respects_the_user():
     env = _clean_env()
     tuned = hostenv.tuned_environ(env)
-    if not THP_MADVISE:  # nothing to ask for on this kernel: no re-exec
+    if not THP_MADVISE:
         assert tuned is None
         return
     assert tuned["GLIBC_TUNABLES"] == hostenv.TUNABLE
@@ -31,8 +31,8 @@ def test_tuned_environ_appends_once_and_respects_the_user():
 def test_reexec_keeps_pid_and_argv_and_sets_the_tunable():
     code = ("import os, sys; from codegen_jax.hostenv import reexec_with_tuned_malloc; "
             "reexec_with_tuned_malloc(); print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
-    proc = subprocess.Popen([sys.executable, "-c", code, "a b", "c"], env=_clean_env(), stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, "a b", "c"], env=_clean_env(),
+                            stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=60)
     pid, tunables, argv = out.split(" ", 2)
     assert int(pid) == proc.pid  # exec, not a child: signals (SIGTERM saves a checkpoint) reach the trainer
