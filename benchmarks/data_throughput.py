@@ -107,4 +107,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from codegen_jax.hostenv import reexec_with_tuned_malloc
+
+    reexec_with_tuned_malloc()  # the training demand measured as `codegen-jax train` runs it
     main()
