@@ -16,7 +16,7 @@ train: $(STAMP)
 	$(VENV)/bin/codegen-jax train --config configs/tiny.yaml
 
 # The whole suite, slow multi-process tests included. The test process gets the malloc setting that
-# `codegen-jax` gives itself (codegen_jax/hostenv.py): XLA steps in-process run 10-30% faster with it.
+# `codegen-jax` gives itself (codegen_jax/hostenv.py): XLA steps in-process run 15-30% faster with it.
 TEST_ENV := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 test: $(STAMP)

@@ -13,23 +13,18 @@ import argparse
 import os
 import time
 
-if __name__ == "__main__":  # before jax is imported; ours and torch share this process and its allocator
-    from codegen_jax.hostenv import reexec_with_tuned_malloc
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-    reexec_with_tuned_malloc()
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from codegen_jax.config import load_config  # noqa: E402
-from codegen_jax.hf import to_hf_state_dict  # noqa: E402
-from codegen_jax.model import create_model, flops_per_token  # noqa: E402
-from codegen_jax.sharding import make_mesh, state_shardings  # noqa: E402
-from codegen_jax.train.metrics import matmul_probe_flops  # noqa: E402
-from codegen_jax.train.optim import make_optimizer, schedule  # noqa: E402
-from codegen_jax.train.step import TrainState, make_train_step  # noqa: E402
+from codegen_jax.config import load_config
+from codegen_jax.hf import to_hf_state_dict
+from codegen_jax.model import create_model, flops_per_token
+from codegen_jax.sharding import make_mesh, state_shardings
+from codegen_jax.train.metrics import matmul_probe_flops
+from codegen_jax.train.optim import make_optimizer, schedule
+from codegen_jax.train.step import TrainState, make_train_step
 
 # CPU-sized shapes per config: (batch, seq_len). fp32 compute; each config keeps its remat policy
 # (small's dots_saveable measured faster here than no remat: less memory traffic on 2 cores).
@@ -120,4 +115,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from codegen_jax.hostenv import reexec_with_tuned_malloc
+
+    reexec_with_tuned_malloc()  # ours and torch share this process and its allocator
     main()
