@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import importlib
 
+from codegen_jax import hostenv
+
+hostenv.quiet_libtpu_without_tpu()
+
 _API = {
     "Config": "codegen_jax.config",
     "load_config": "codegen_jax.config",

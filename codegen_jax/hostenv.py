@@ -1,4 +1,5 @@
-"""Process settings that only take effect at interpreter start: glibc's malloc on transparent huge pages.
+"""Process settings that only take effect at interpreter start: glibc's malloc on transparent huge pages,
+and libtpu kept quiet on machines without a TPU.
 
 Why: XLA:CPU allocates each execution's buffers afresh. glibc serves large blocks with mmap and hands
 them back at free, so every training step faults every 4 KiB page in again: about 190k page faults and
@@ -47,3 +48,28 @@ def reexec_with_tuned_malloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
+
+
+# What libtpu asks for when it finds no TPU of its own (it then prints a screen of warnings at the first
+# jax call): placeholders, set only on a host with no TPU device, so that TPU topology compiles
+# (`plan --topology`) and plain CPU runs start quietly. On a TPU VM they are left alone.
+_NO_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-8",
+               "TPU_WORKER_HOSTNAMES": "localhost"}
+
+
+def has_tpu_device() -> bool:
+    """A TPU chip on this host: /dev/accel* (v2-v5p) or /dev/vfio/<n> (v5e, v6e)."""
+    import glob
+
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def quiet_libtpu_without_tpu(environ=os.environ) -> None:
+    """Set `_NO_TPU_ENV` (unless the user set them) when libtpu is installed but no TPU is attached.
+    Must run before jax initializes its backends; `codegen_jax/__init__.py` calls it."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None or has_tpu_device():
+        return
+    for key, value in _NO_TPU_ENV.items():
+        environ.setdefault(key, value)

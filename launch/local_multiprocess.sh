@@ -31,7 +31,7 @@ devices=${DEVICES_PER_PROCESS:-2}
 port=${PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
 pids=()
-# shellcheck disable=SC2317  # called by the trap below
+# shellcheck disable=SC2317,SC2329  # called by the trap below
 forward() {
   # preemption: pass SIGTERM/SIGINT on so every process saves its part of the checkpoint
   kill -TERM "${pids[@]}" 2>/dev/null || true

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from codegen_jax import hostenv
 
 THP = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -14,12 +16,17 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostenv.OPT_OUT)}
 
 
+def test_no_tunable_without_madvise_huge_pages():
+    if THP_MADVISE:
+        pytest.skip("transparent huge pages are in madvise mode here: the re-exec applies")
+    assert hostenv.tuned_environ(_clean_env()) is None
+
+
 def test_tuned_environ_appends_once_and_respects_the_user():
+    if not THP_MADVISE:
+        pytest.skip("transparent huge pages are not in madvise mode here: nothing to re-exec for")
     env = _clean_env()
     tuned = hostenv.tuned_environ(env)
-    if not THP_MADVISE:
-        assert tuned is None
-        return
     assert tuned["GLIBC_TUNABLES"] == hostenv.TUNABLE
     assert hostenv.tuned_environ(tuned) is None  # after the re-exec: no second one
     other = hostenv.tuned_environ({**env, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
@@ -38,3 +45,23 @@ def test_reexec_keeps_pid_and_argv_and_sets_the_tunable():
     assert int(pid) == proc.pid  # exec, not a child: signals (SIGTERM saves a checkpoint) reach the trainer
     assert tunables == (hostenv.TUNABLE if THP_MADVISE else "None")
     assert argv.strip() == "['a b', 'c']"
+
+
+def test_libtpu_is_kept_quiet_only_without_a_tpu(monkeypatch):
+    import importlib.util
+
+    env: dict[str, str] = {}
+    monkeypatch.setattr(hostenv, "has_tpu_device", lambda: True)
+    hostenv.quiet_libtpu_without_tpu(env)
+    assert env == {}  # a TPU VM: libtpu must find its real chips
+    monkeypatch.setattr(hostenv, "has_tpu_device", lambda: False)
+    env = {"TPU_ACCELERATOR_TYPE": "v6e-8"}
+    hostenv.quiet_libtpu_without_tpu(env)
+    if importlib.util.find_spec("libtpu") is None:
+        assert env == {"TPU_ACCELERATOR_TYPE": "v6e-8"}
+    else:
+        assert env["TPU_SKIP_MDS_QUERY"] == "1" and env["TPU_ACCELERATOR_TYPE"] == "v6e-8"  # the user's kept
+    proc = subprocess.run([sys.executable, "-c", "import codegen_jax, jax; print(jax.devices()[0].platform)"],
+                          capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                                if not k.startswith("TPU_")}, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "cpu" and proc.stderr == "", proc.stderr[-2000:]
