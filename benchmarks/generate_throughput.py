@@ -57,17 +57,13 @@ def load_model_config(name: str, dtype: str):
 def hf_model(params, cfg):
     """transformers LlamaForCausalLM holding our weights (float32, eager attention)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from codegen_jax.hf import to_hf_state_dict
+    from codegen_jax.hf import transformers_config
+    from codegen_jax.hf_params import to_hf_state_dict
 
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=cfg.attention_bias, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    model = LlamaForCausalLM(hf_cfg).eval()
+    hf_cfg = transformers_config(cfg)  # no special token ids: EOS never stops a row
+    model = AutoModelForCausalLM.from_config(hf_cfg).eval()
     state = {k: torch.from_numpy(v.copy()) for k, v in to_hf_state_dict(params, cfg).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
@@ -150,7 +146,7 @@ def bench_config(name: str, batches: list[int], prompt_len: int, new_tokens: int
     cfg.max_seq_len = max(cfg.max_seq_len, prompt_len + new_tokens)
     model = create_model(cfg, seed=0)
     torch_model = hf_model(nnx.to_pure_dict(nnx.state(model)), cfg)
-    gen = Generator(model, IdTokenizer(cfg.vocab_size), cfg, max_batch_size=max(batches))
+    gen = Generator(model, IdTokenizer(cfg.vocab_size), max_batch_size=max(batches))
     rng = np.random.default_rng(0)
     rows = []
     for b in batches:

@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from codegen_jax.config import load_config
-from codegen_jax.hf import to_hf_state_dict
+from codegen_jax.hf import transformers_config
+from codegen_jax.hf_params import to_hf_state_dict
 from codegen_jax.model import create_model, flops_per_token
 from codegen_jax.sharding import make_mesh, state_shardings
 from codegen_jax.train.metrics import matmul_probe_flops
@@ -64,10 +65,9 @@ def bench_torch(cfg, batches, steps: int) -> tuple[float, list[float]]:
     import transformers
 
     m = cfg.model
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
-        num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, rms_norm_eps=m.norm_eps,
-        rope_theta=m.rope_theta, max_position_embeddings=m.max_seq_len, attn_implementation="sdpa"))
+    hf_cfg = transformers_config(m)
+    hf_cfg._attn_implementation = "sdpa"
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     params = nnx.to_pure_dict(nnx.state(create_model(cfg.model, seed=0)))
     hf.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in to_hf_state_dict(params, m).items()})
     o = cfg.optim

@@ -114,18 +114,13 @@ def _read_data_state(directory: Any) -> bytes:
     return others[0].read_text().encode()
 
 
-def _abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def abstract_params(cfg: Config, mesh: jax.sharding.Mesh) -> Any:
     """Shape/dtype/sharding of the params as a pure dict: the restore target on `mesh`."""
     from codegen_jax.model import abstract_model
-    from codegen_jax.sharding import state_shardings
+    from codegen_jax.sharding import abstract, state_shardings
 
     _, abs_state = abstract_model(cfg.model)
-    shardings = state_shardings(abs_state, mesh)
-    return _abstract_with_shardings(nnx.to_pure_dict(abs_state), nnx.to_pure_dict(shardings))
+    return abstract(nnx.to_pure_dict(abs_state), nnx.to_pure_dict(state_shardings(abs_state, mesh)))
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:

@@ -36,11 +36,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (Qwen2)
+    sliding_window: int = 0  # attend to at most this many positions back (0: unlimited)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots_saveable
     scan_layers: bool = True
-    attention: str = "xla"  # xla (blockwise causal in training) | cudnn (GPU) | auto (jax picks)
+    # xla (blockwise causal) | cudnn (GPU) | splash (TPU Pallas kernel) | auto (splash on TPU, cudnn
+    # on GPU, xla elsewhere)
+    attention: str = "xla"
 
 
 @dataclasses.dataclass
@@ -148,7 +151,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable"),
-    "model.attention": ("xla", "cudnn", "auto"),
+    "model.attention": ("xla", "cudnn", "splash", "auto"),
     "data.source": ("stdlib", "files", "datasets"),
     "data.pack": ("first_fit", "best_fit"),
     "optim.schedule": ("cosine", "linear", "wsd", "constant"),
@@ -260,8 +263,17 @@ def from_dict(d: dict[str, Any], overrides: list[str] = ()) -> Config:
         _apply(cfg, key, value)
     for key, value in parse_overrides(list(overrides)):
         _apply(cfg, key, value)
+    _resolve_defaults(cfg)
     validate(cfg)
     return cfg
+
+
+def _resolve_defaults(cfg: Config) -> None:
+    """Fill the values whose default depends on other fields (head_dim 0 = d_model // n_heads), so the
+    saved config states them."""
+    m = cfg.model
+    if m.head_dim == 0 and m.n_heads > 0 and m.d_model % m.n_heads == 0:
+        m.head_dim = m.d_model // m.n_heads
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), num_devices: int | None = None) -> Config:
@@ -314,13 +326,13 @@ def validate(cfg: Config) -> None:
             f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads}); "
             f"pick n_kv_heads from {[d for d in range(1, m.n_heads + 1) if m.n_heads % d == 0]}")
     if m.head_dim == 0:
-        if m.d_model % m.n_heads:
-            raise ConfigError(
-                f"model.d_model ({m.d_model}) must equal n_heads*head_dim: it is not divisible by "
-                f"model.n_heads ({m.n_heads}); change one, or set model.head_dim explicitly")
-        m.head_dim = m.d_model // m.n_heads
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) must equal n_heads*head_dim: it is not divisible by "
+            f"model.n_heads ({m.n_heads}); change one, or set model.head_dim explicitly")
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim must be even for rotary embeddings; got {m.head_dim}")
+    if m.sliding_window < 0:
+        raise ConfigError(f"model.sliding_window must be >= 0 (0: unlimited); got {m.sliding_window}")
     if m.rope_theta <= 0 or m.norm_eps <= 0:
         raise ConfigError("model.rope_theta and model.norm_eps must be positive")
     if cfg.data.seq_len > m.max_seq_len:
@@ -373,9 +385,3 @@ def check_batch(cfg: Config, num_devices: int) -> None:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by mesh.data*mesh.fsdp ({shards}) "
             f"times optim.grad_accum ({cfg.optim.grad_accum}) on {num_devices} devices")
-
-
-def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    """A ModelConfig from a saved dict (unknown keys fail with the nearest names)."""
-    return from_dict({"model": d}).model
-

@@ -1,28 +1,28 @@
 """Hugging Face interop: Llama-family safetensors checkpoints <-> our checkpoints.
 
-Three parts, top to bottom:
-- the tensor mapping (pure numpy): HF names, torch's [out, in] layout, stacked-layer (un)stacking;
+Two parts, top to bottom:
 - the config mapping: our `ModelConfig` <-> HF `config.json`, refusing every feature our model lacks;
-- `export_hf` / `import_hf`, the `codegen-jax export-hf` / `import-hf` verbs.
+- `export_hf` / `import_hf`, what the `codegen-jax export-hf` / `import-hf` verbs call.
+The tensor mapping (names, layouts) is the declarative table in `hf_params`; the file format lives
+in `hf_io`.
 
 Export writes `LlamaForCausalLM` (`Qwen2ForCausalLM` when the model has q/k/v biases, which Llama
 cannot express without an extra o_proj bias). Import reads Llama, Mistral and Qwen2. The model never
-knows about HF names (as in Tunix); the file format itself lives in `hf_io`.
+knows about HF names (as in Tunix).
 """
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from codegen_jax import checkpoint as ckpt
-from codegen_jax import hf_io
+from codegen_jax import hf_io, hf_params
 from codegen_jax.config import ModelConfig
 from codegen_jax.errors import UserError
 
@@ -35,111 +35,12 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": ("qwen2", 32768),
 }
 
-# our per-layer leaf path -> (HF name inside model.layers.N, how our array becomes torch's layout)
-_LAYER_MAP = {
-    ("attn", "w_q_dhk"): ("self_attn.q_proj.weight", "dhk"),
-    ("attn", "w_k_dgk"): ("self_attn.k_proj.weight", "dhk"),
-    ("attn", "w_v_dgk"): ("self_attn.v_proj.weight", "dhk"),
-    ("attn", "w_o_hkd"): ("self_attn.o_proj.weight", "hkd"),
-    ("attn", "b_q_hk"): ("self_attn.q_proj.bias", "hk"),
-    ("attn", "b_k_gk"): ("self_attn.k_proj.bias", "hk"),
-    ("attn", "b_v_gk"): ("self_attn.v_proj.bias", "hk"),
-    ("mlp", "w_gate_df"): ("mlp.gate_proj.weight", "T"),
-    ("mlp", "w_up_df"): ("mlp.up_proj.weight", "T"),
-    ("mlp", "w_down_fd"): ("mlp.down_proj.weight", "T"),
-    ("attn_norm", "weight"): ("input_layernorm.weight", ""),
-    ("mlp_norm", "weight"): ("post_attention_layernorm.weight", ""),
-}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tensor mapping
-
-
-def to_torch_layout(x: np.ndarray, kind: str) -> np.ndarray:
-    """Our kernel -> torch Linear weight [out, in] (or bias [out])."""
-    if kind == "dhk":  # [d, h, k] -> [h*k, d]
-        return x.reshape(x.shape[0], -1).T
-    if kind == "hkd":  # [h, k, d] -> [d, h*k]
-        return x.reshape(-1, x.shape[-1]).T
-    if kind == "hk":
-        return x.reshape(-1)
-    if kind == "T":
-        return x.T
-    return x
-
-
-def from_torch_layout(x: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Inverse of `to_torch_layout`, given our target shape."""
-    if kind in ("dhk", "hkd"):
-        return x.T.reshape(shape)
-    if kind == "hk":
-        return x.reshape(shape)
-    if kind == "T":
-        return x.T
-    return x
-
-
-def torch_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
-    """The torch-layout shape of one of our (per-layer) arrays of `shape`, without touching data."""
-    if kind == "dhk":
-        return (int(np.prod(shape[1:])), shape[0])
-    if kind == "hkd":
-        return (shape[-1], int(np.prod(shape[:-1])))
-    if kind == "hk":
-        return (int(np.prod(shape)),)
-    if kind == "T":
-        return tuple(reversed(shape))
-    return tuple(shape)
-
-
-def param_specs(cfg: ModelConfig) -> Iterator[tuple[str, tuple, int | None, str]]:
-    """(hf_name, our leaf path, layer index or None, layout kind) for every HF tensor, in file order.
-
-    With scanned layers the leaf is stacked and `layer` indexes its first axis; otherwise the path
-    already names the layer (`("blocks", i, ...)`) and `layer` is None."""
-    yield "model.embed_tokens.weight", ("embed_vd",), None, ""
-    for i in range(cfg.n_layers):
-        for path, (hf_name, kind) in _LAYER_MAP.items():
-            if path[1].startswith("b_") and not cfg.attention_bias:
-                continue
-            if cfg.scan_layers:
-                yield f"model.layers.{i}.{hf_name}", ("blocks", *path), i, kind
-            else:
-                yield f"model.layers.{i}.{hf_name}", ("blocks", i, *path), None, kind
-    yield "model.norm.weight", ("final_norm", "weight"), None, ""
-    if not cfg.tie_embeddings:
-        yield "lm_head.weight", ("lm_head_dv",), None, "T"
-
-
-def _leaf(tree: Any, path: tuple) -> Any:
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def iter_hf_tensors(params: Any, cfg: ModelConfig) -> Iterator[tuple[str, Any, str]]:
-    """Yield (hf_name, our array, layout kind) one tensor at a time.
-
-    `params` is the nested dict of our parameter arrays (jax or numpy): `nnx.state(model)` converted
-    with `to_pure_dict()`. Stacked (scanned) layers are yielded per layer, sliced lazily.
-    """
-    for hf_name, path, layer, kind in param_specs(cfg):
-        x = _leaf(params, path)
-        yield hf_name, (x if layer is None else x[layer]), kind
-
-
-def to_hf_state_dict(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """All tensors in torch layout (whole model in memory: for tests and small models)."""
-    return {name: np.ascontiguousarray(to_torch_layout(np.asarray(x), kind))
-            for name, x, kind in iter_hf_tensors(params, cfg)}
-
-
 # ---------------------------------------------------------------------------------------------------
 # Config mapping
 
 
-def hf_config(cfg: ModelConfig, *, bos_id: int, eos_id: int, pad_id: int, dtype: str) -> dict[str, Any]:
+def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, pad_id: int | None, dtype: str
+              ) -> dict[str, Any]:
     """`config.json` for our model: read the same by transformers 5 (`rope_parameters`, `dtype`) and by
     4.x readers (top-level `rope_theta`, `torch_dtype`)."""
     arch = "Qwen2ForCausalLM" if cfg.attention_bias else "LlamaForCausalLM"
@@ -161,6 +62,16 @@ def hf_config(cfg: ModelConfig, *, bos_id: int, eos_id: int, pad_id: int, dtype:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,
                    layer_types=["full_attention"] * cfg.n_layers)
     return out
+
+
+def transformers_config(cfg: ModelConfig, **ids: int | None):
+    """The `transformers` config object of our model (what export writes as config.json): tests and
+    benchmarks build their HF reference models through it. Special token ids default to none (a
+    `pad_token_id` would make HF's embedding skip that row's gradient)."""
+    import transformers
+
+    hf = hf_config(cfg, dtype="float32", **{"bos_id": None, "eos_id": None, "pad_id": None, **ids})
+    return transformers.AutoConfig.for_model(**hf)
 
 
 def _architecture(hf: dict[str, Any]) -> str:
@@ -272,38 +183,35 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32", *
     cfg, params, meta, _ = ckpt.load_params(checkpoint, mesh)
     m = cfg.model
     np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
-    specs = []
-    for name, path, layer, kind in param_specs(m):
-        shape = _leaf(params, path).shape
-        specs.append(hf_io.TensorSpec(name, torch_shape(shape if layer is None else shape[1:], kind), np_dtype))
-    tensors = (_to_host(x, kind, np_dtype) for _, x, kind in iter_hf_tensors(params, m))
-    if jax.process_index() != 0:  # the other processes only take part in the gathers
-        for _ in tensors:
-            pass
-        return out
-    tmp = hf_io.tmp_dir_for(out)
-    try:
+    plan = list(hf_params.tensors(m))
+    specs = [hf_io.TensorSpec(t.hf, t.layout.hf_shape(hf_params.our_shape(t, params)), np_dtype)
+             for t in plan]
+    arrays = (_to_host(params, t, np_dtype) for t in plan)
+
+    def write(tmp: Path) -> None:
         tok = hf_io.write_tokenizer(meta, tmp)
         ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
         hf_io.write_json(tmp / "config.json", hf_config(m, dtype=dtype, **ids))
         hf_io.write_json(tmp / "generation_config.json", {
             "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
-        hf_io.write_sharded(tmp, specs, tensors, max_shard_bytes)
-        hf_io.publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        hf_io.write_sharded(tmp, specs, arrays, max_shard_bytes)
+
+    if jax.process_index() != 0:  # the other processes only take part in the gathers
+        for _ in arrays:
+            pass
+        return out
+    return hf_io.write_atomically(out, write)
 
 
-def _to_host(x: Any, kind: str, dtype: np.dtype) -> np.ndarray:
+def _to_host(params: Any, t: hf_params.Tensor, dtype: np.dtype) -> np.ndarray:
     """One tensor to host memory in torch layout and `dtype`, gathered across processes if needed."""
+    x = hf_params.leaf(params, t.ours)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
         x = multihost_utils.process_allgather(x, tiled=True)
-    x = np.asarray(jax.device_get(x))
-    return np.ascontiguousarray(to_torch_layout(x, kind).astype(dtype, copy=False))
+    x = np.asarray(jax.device_get(x if t.layer is None else x[t.layer]))
+    return np.ascontiguousarray(t.layout.to_hf(x).astype(dtype, copy=False))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,7 +222,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, scan_layers: bool = True,
               mesh: jax.sharding.Mesh | None = None) -> Path:
     """Read a local HF Llama/Mistral/Qwen2 safetensors directory into a new checkpoint in workdir `out`
     (config, params created sharded on `mesh` if given, the tokenizer). Returns the step directory,
-    which `generate`, `export-hf` and `train --init-from` accept."""
+    which `generate`, `export-hf` and `train --init-from` accept. Written beside `out` and moved into
+    place when complete, like an export: a failed import leaves nothing behind."""
     from codegen_jax.checkpoint import write_params_checkpoint
     from codegen_jax.config import DataConfig, from_dict
     from codegen_jax.data.tokenizer import load_tokenizer
@@ -326,17 +235,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, scan_layers: bool = True,
     hf_io.check_empty_out(out, "--out")
     tok = load_tokenizer(hf_dir)
     params = read_params(hf_io.SafetensorsReader(hf_dir), cfg.model, mesh)
-    existed = out.exists()
-    try:
-        return write_params_checkpoint(out, cfg, params, tok)
-    except BaseException:
-        if jax.process_index() == 0:  # never leave a half-written checkpoint behind
-            if existed:
-                for child in out.iterdir():
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-            else:
-                shutil.rmtree(out, ignore_errors=True)
-        raise
+    step_dir = hf_io.write_atomically(out, lambda tmp: write_params_checkpoint(tmp, cfg, params, tok))
+    return out / step_dir.relative_to(step_dir.parents[1])
 
 
 def read_params(reader: hf_io.SafetensorsReader, m: ModelConfig,
@@ -349,24 +249,21 @@ def read_params(reader: hf_io.SafetensorsReader, m: ModelConfig,
     from codegen_jax.sharding import state_shardings
 
     _, abs_state = abstract_model(m)
-    abstract = traverse_util.flatten_dict(abs_state.to_pure_dict())
+    abstract = traverse_util.flatten_dict(nnx.to_pure_dict(abs_state))
     shardings = {}
     if mesh is not None:
-        shardings = traverse_util.flatten_dict(state_shardings(abs_state, mesh).to_pure_dict())
-    specs = list(param_specs(m))
-    _check_tensors(reader, specs, abstract, m)
-    groups: dict[tuple, list[tuple[str, int | None, str]]] = {}
-    for name, path, layer, kind in specs:
-        groups.setdefault(path, []).append((name, layer, kind))
+        shardings = traverse_util.flatten_dict(nnx.to_pure_dict(state_shardings(abs_state, mesh)))
+    plan = list(hf_params.tensors(m))
+    _check_tensors(reader, plan, abstract, m)
     params = {}
-    for path, members in groups.items():
+    for path in dict.fromkeys(t.ours for t in plan):
         a = abstract[path]
         value = np.empty(a.shape, a.dtype)
-        for name, layer, kind in members:
-            if layer is None:
-                value[...] = from_torch_layout(reader.get(name), kind, a.shape)
+        for t in (t for t in plan if t.ours == path):
+            if t.layer is None:
+                value[...] = t.layout.from_hf(reader.get(t.hf), a.shape)
             else:
-                value[layer] = from_torch_layout(reader.get(name), kind, a.shape[1:])
+                value[t.layer] = t.layout.from_hf(reader.get(t.hf), a.shape[1:])
         params[path] = _place(value, shardings.get(path))
     return traverse_util.unflatten_dict(params)
 
@@ -378,11 +275,12 @@ def _place(value: np.ndarray, sharding: Any) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
-def _check_tensors(reader: hf_io.SafetensorsReader, specs: list, abstract: dict, m: ModelConfig) -> None:
+def _check_tensors(reader: hf_io.SafetensorsReader, plan: list[hf_params.Tensor], abstract: dict,
+                   m: ModelConfig) -> None:
     """Refuse missing, unexpected or misshapen tensors before reading any data."""
     present = set(reader.keys())
-    wanted = {name for name, *_ in specs}
-    missing = [name for name, *_ in specs if name not in present]
+    wanted = {t.hf for t in plan}
+    missing = [t.hf for t in plan if t.hf not in present]
     if missing:
         raise UserError(f"{len(missing)} tensor(s) that config.json implies are missing from the "
                         f"safetensors files, e.g. {', '.join(missing[:3])}")
@@ -394,11 +292,11 @@ def _check_tensors(reader: hf_io.SafetensorsReader, specs: list, abstract: dict,
     if unexpected:
         raise UserError(f"{len(unexpected)} tensor(s) the config does not describe, e.g. "
                         f"{', '.join(unexpected[:3])}: the checkpoint has parts our model lacks")
-    for name, path, layer, kind in specs:
-        shape = abstract[path].shape
-        want = torch_shape(shape if layer is None else shape[1:], kind)
-        if reader.shape(name) != want:
-            raise UserError(f"tensor {name} has shape {list(reader.shape(name))} but config.json "
+    for t in plan:
+        shape = abstract[t.ours].shape
+        want = t.layout.hf_shape(shape if t.layer is None else shape[1:])
+        if reader.shape(t.hf) != want:
+            raise UserError(f"tensor {t.hf} has shape {list(reader.shape(t.hf))} but config.json "
                             f"implies {list(want)}")
     if m.tie_embeddings and "lm_head.weight" in present and not np.array_equal(
             reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):

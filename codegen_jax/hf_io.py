@@ -14,10 +14,10 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -33,6 +33,7 @@ _DTYPES = {
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+T = TypeVar("T")
 _ALIGN = 8  # the header is padded with spaces so the data starts 8-byte aligned, as safetensors does
 
 
@@ -182,20 +183,45 @@ def check_empty_out(out: Path, flag: str) -> None:
                         "(nothing is ever overwritten)")
 
 
-def tmp_dir_for(out: Path) -> Path:
-    """A fresh hidden sibling of `out` to write into before `publish`."""
+def write_atomically(out: Path, write: Callable[[Path], T]) -> T:
+    """Run `write(tmp)` on a fresh hidden sibling of `out`, then move it into place: a crash or error
+    never leaves a half-written `out` (an empty `out` is replaced, anything else was refused before).
+    The sibling's name is the same in every process, so a multi-process writer (Orbax) shares it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
+    tmp = out.with_name(f".{out.name}.partial")
+    if jax_process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: left by a crashed earlier attempt
+        tmp.mkdir()
+    _sync("codegen_jax_write_atomically_start")
+    try:
+        result = write(tmp)
+        _sync("codegen_jax_write_atomically_done")
+        if jax_process_index() == 0:
+            if out.is_dir():
+                out.rmdir()  # empty: checked before we started
+            os.replace(tmp, out)
+    except BaseException:
+        if jax_process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory into place, so a crash never leaves a half-written one."""
-    if out.is_dir():
-        out.rmdir()  # empty: checked before we started
-    os.replace(tmp, out)
+def jax_process_index() -> int:
+    import sys
+
+    jax = sys.modules.get("jax")  # a process that never imported jax is a single process
+    return jax.process_index() if jax is not None else 0
+
+
+def _sync(name: str) -> None:
+    import sys
+
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def read_hf_config(hf_dir: Path) -> dict:

@@ -1,4 +1,4 @@
-"""`codegen-jax plan`: parameters, FLOPs per token and per-device memory of a config on its mesh.
+"""Planning a config on its mesh: parameters, FLOPs per token and per-device memory of a config on its mesh.
 
 Parameter, optimizer and gradient bytes are exact: each array's shard shape under the rules table.
 Activations come from the compiled train step's memory analysis when the mesh fits this machine's
@@ -78,26 +78,16 @@ def compiled_activation_bytes(cfg: Config) -> int | None:
 
 
 def _compile_step_temp_bytes(cfg: Config, mesh) -> int:
-    from flax import nnx
-
-    from codegen_jax.sharding import opt_state_shardings, state_shardings
     from codegen_jax.train.optim import make_optimizer, schedule
-    from codegen_jax.train.step import TrainState, make_train_step
+    from codegen_jax.train.step import make_train_step, train_state_layout
 
     graphdef, abs_state = abstract_model(cfg.model)
-    params_sh = nnx.to_pure_dict(state_shardings(abs_state, mesh))
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nnx.to_pure_dict(abs_state), params_sh)
     opt = make_optimizer(cfg.optim, cfg.train.steps)
-    opt_abs = jax.eval_shape(opt.init, params)
-    opt_sh = opt_state_shardings(opt_abs, params_sh, mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_sh = TrainState(replicated, params_sh, opt_sh)
+    state_sh, state = train_state_layout(abs_state, opt, mesh)
     step = make_train_step(graphdef, opt, schedule(cfg.optim, cfg.train.steps), mesh, state_sh,
                            cfg.optim.grad_accum, cfg.optim.z_loss)
     batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32)
              for k in ("tokens", "segment_ids", "positions", "loss_mask")}
-    state = TrainState(jax.ShapeDtypeStruct((), np.int32), params, opt_abs)
     return int(step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes)
 
 
@@ -117,18 +107,3 @@ def plan(cfg: Config, devices: int | None = None) -> dict[str, Any]:
     out["per_device_bytes"] = sum(out[k] for k in ("params_bytes", "optimizer_bytes", "grads_bytes",
                                                    "activations_bytes"))
     return out
-
-
-def plan_cli(cfg: Config, devices: int | None = None) -> None:
-    p = plan(cfg, devices)
-    g = lambda x: f"{x / GIB:8.2f} GiB"  # noqa: E731
-    print(f"config {cfg.name}: {p['params'] / 1e9:.3f}B parameters, {p['flops_per_token'] / 1e9:.2f} "
-          f"GFLOPs/token (train), {p['tokens_per_step']:,} tokens/step")
-    print(f"mesh {p['mesh']} on {p['devices']} devices, remat={cfg.model.remat}; per device:")
-    for key in ("params", "optimizer", "grads", "activations"):
-        note = f"  ({p['activations_source']})" if key == "activations" else ""
-        print(f"  {key:<12}{g(p[key + '_bytes'])}{note}")
-    print(f"  {'total':<12}{g(p['per_device_bytes'])}")
-    for name, hbm in ACCELERATORS.items():
-        fits = p["per_device_bytes"] <= hbm * GIB * 0.9  # leave room for XLA's own buffers
-        print(f"  {name:<10} {hbm:4d} GiB: {'fits' if fits else 'WARNING: will not fit'}")

@@ -68,10 +68,6 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | N
     return P(*out)
 
 
-def named(mesh: Mesh, *names: str | None, shape: Sequence[int] | None = None) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
-
-
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     """Sharding constraint on an activation by logical names; a no-op outside a mesh context."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -107,6 +103,12 @@ def opt_state_shardings(abstract_opt: Any, params_sh: Any, mesh: Mesh) -> Any:
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+    """Shape-only twins of `tree`'s arrays (or ShapeDtypeStructs) carrying `shardings`: what jit lowers
+    against and Orbax restores into."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -9,7 +9,7 @@ from codegen_jax.config import Config, DataConfig
 from codegen_jax.data.inspect import inspect_data
 
 
-def test_inspect_reports_every_section(code_corpus, small_tokenizer, tmp_path, capsys):
+def test_inspect_reports_every_section(code_corpus, small_tokenizer, tmp_path):
     corpus = tmp_path / "c"
     shutil.copytree(code_corpus, corpus)
     (corpus / "dup.py").write_text((corpus / "mod_1.py").read_text())
@@ -19,8 +19,7 @@ def test_inspect_reports_every_section(code_corpus, small_tokenizer, tmp_path, c
     cfg.data = DataConfig(source="files", paths=[str(corpus)], seq_len=128, pair_ratio=0.5,
                           tokenizer=str(tmp_path / "tok"))
     cfg.train.batch_size = 4
-    inspect_data(cfg)
-    out = capsys.readouterr().out
+    out = inspect_data(cfg)
     assert "documents: train" in out and "languages: python 24" in out
     assert re.search(r"drop duplicate +1 +e\.g\. c/mod_1\.py", out)  # dup.py is read first
     assert re.search(r"drop binary +1 +e\.g\. c/blob\.py", out)

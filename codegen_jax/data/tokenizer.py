@@ -261,12 +261,3 @@ def _save_atomically(tok: CodeTokenizer, out: Any) -> None:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def train_tokenizer_cli(data_paths: list[str], vocab_size: int, out_dir: str) -> None:
-    """`codegen-jax tokenizer train`: train on source trees / data files and save to `out_dir`."""
-    from codegen_jax.data.corpus import texts_from_paths
-
-    texts = texts_from_paths(data_paths)
-    tok = train_tokenizer(texts, vocab_size, out_dir)
-    print(f"trained a {tok.vocab_size}-token byte-level BPE; saved to {out_dir}")

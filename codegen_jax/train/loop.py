@@ -1,5 +1,5 @@
 """The training loop: set up (mesh, tokenizer, data, model, optimizer), restore or init, run steps,
-evaluate, checkpoint, handle preemption, and print generated samples at the end.
+evaluate, checkpoint, handle preemption, and generate samples at the end.
 
 Exact resume: a checkpoint holds params, optimizer state, step and the grain iterator state taken
 after the same step, and nothing in a step is random, so a run killed at any point and restarted with
@@ -12,31 +12,27 @@ import dataclasses
 import math
 import signal
 import time
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import grain
 import jax
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from codegen_jax import checkpoint as ckpt
 from codegen_jax import distributed, storage
 from codegen_jax.config import Config, check_batch, mesh_shape
 from codegen_jax.data.pipeline import make_iterator
-from codegen_jax.data.tokenizer import get_tokenizer
+from codegen_jax.data.tokenizer import CodeTokenizer, get_tokenizer
 from codegen_jax.errors import UserError
 from codegen_jax.model import create_model, flops_per_token, layer_layout
-from codegen_jax.sharding import global_batch, make_mesh, opt_state_shardings, state_shardings
+from codegen_jax.progress import SILENT, Progress
+from codegen_jax.sharding import global_batch, make_mesh
 from codegen_jax.train.metrics import MetricsWriter, peak_flops
 from codegen_jax.train.optim import make_optimizer, schedule
-from codegen_jax.train.step import TrainState, make_eval_step, make_train_step
-
-
-def train_cli(cfg: Config, args: Any) -> None:
-    """`codegen-jax train`: join the other processes if any, then train."""
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    train(cfg, workdir=args.workdir, init_from=args.init_from)
+from codegen_jax.train.step import TrainState, make_eval_step, make_train_step, train_state_layout
 
 
 class _Preemption:
@@ -68,7 +64,7 @@ def _check_model_compatible(saved: dict, cfg: Config, source: str, layout_matter
                         "settings or another --workdir")
 
 
-def _shared_tokenizer(cfg: Config, workdir: Path) -> Any:
+def _shared_tokenizer(cfg: Config, workdir: Any) -> CodeTokenizer:
     """Process 0 trains (or loads) the tokenizer; the others wait, then load the one it saved."""
     from jax.experimental import multihost_utils
 
@@ -84,20 +80,19 @@ class _Run:
     """What the loop needs, built once by `_setup`."""
 
     cfg: Config
-    workdir: Path
-    mesh: Any
-    tokenizer: Any
-    graphdef: Any
+    workdir: Any  # a Path, or an epath.Path for a gs:// / s3:// workdir
+    mesh: jax.sharding.Mesh
+    tokenizer: CodeTokenizer
+    graphdef: nnx.GraphDef
     state: TrainState
-    state_sh: Any
-    train_step: Any
-    eval_step: Any
-    data: Any
-    mngr: Any
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    eval_step: Callable[[Any, dict], dict]
+    data: grain.DatasetIterator
+    mngr: ocp.CheckpointManager
     start_step: int
 
 
-def _setup(cfg: Config, workdir: Path, init_from: str | None) -> _Run:
+def _setup(cfg: Config, workdir: Any, init_from: str | None, progress: Progress) -> _Run:
     check_batch(cfg, jax.device_count())
     mesh = make_mesh(mesh_shape(cfg.mesh, jax.device_count()))
     tokenizer = _shared_tokenizer(cfg, workdir)
@@ -105,22 +100,17 @@ def _setup(cfg: Config, workdir: Path, init_from: str | None) -> _Run:
                          process_count=jax.process_count())
     model = create_model(cfg.model, mesh, seed=cfg.train.seed)
     graphdef, params_state = nnx.split(model)
+    optimizer: optax.GradientTransformation = make_optimizer(cfg.optim, cfg.train.steps)
+    state_sh, abstract = train_state_layout(params_state, optimizer, mesh)
     params = nnx.to_pure_dict(params_state)
-    params_sh = nnx.to_pure_dict(state_shardings(params_state, mesh))
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    opt_sh = opt_state_shardings(jax.eval_shape(optimizer.init, params), params_sh, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
-    replicated = NamedSharding(mesh, P())
-    state_sh = TrainState(replicated, params_sh, opt_sh)
-    state = TrainState(jax.device_put(np.int32(0), replicated), params, opt_state)
+    opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
+    state = TrainState(jax.device_put(np.int32(0), state_sh.step), params, opt_state)
     mngr = ckpt.manager(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = 0
-    abstract = {"params": ckpt.abstract_params(cfg, mesh),
-                "opt_state": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                          jax.eval_shape(optimizer.init, params), opt_sh)}
     restored = None
     if cfg.checkpoint.resume == "auto" and mngr.all_steps():
-        restored = ckpt.restore(mngr, abstract=abstract, data_iterator=data, validate=lambda meta:
+        restored = ckpt.restore(mngr, abstract={"params": abstract.params, "opt_state": abstract.opt_state},
+                                data_iterator=data, validate=lambda meta:
                                 _check_model_compatible(meta["config"], cfg, f"checkpoint in {workdir}"))
         if restored is None:  # starting over would overwrite them: refuse instead
             raise UserError(f"no checkpoint in {workdir}/checkpoints can be restored (see the warnings "
@@ -128,21 +118,21 @@ def _setup(cfg: Config, workdir: Path, init_from: str | None) -> _Run:
     if restored is not None:
         start, items, _ = restored
         ckpt.quarantine_newer(mngr, start)
-        state = TrainState(jax.device_put(np.int32(start), replicated), items["params"], items["opt_state"])
-        print(f"resumed from step {start}")
+        step0 = jax.device_put(np.int32(start), state_sh.step)
+        state = TrainState(step0, items["params"], items["opt_state"])
+        progress.message(f"resumed from step {start}")
     elif init_from:
         src_cfg, src_params, _, step = ckpt.load_params(init_from, mesh)
         _check_model_compatible(src_cfg.to_dict(), cfg, f"--init-from {init_from}", layout_matters=False)
         src_params = layer_layout(src_params, src_cfg.model.scan_layers, cfg.model.scan_layers)
-        state = TrainState(state.step, jax.device_put(src_params, params_sh), opt_state)
-        print(f"initialised params from {init_from} (step {step}); fresh optimizer")
-    token_bytes = jax.device_put(tokenizer.token_byte_lengths().astype(np.float32), replicated)
+        state = TrainState(state.step, jax.device_put(src_params, state_sh.params), opt_state)
+        progress.message(f"initialised params from {init_from} (step {step}); fresh optimizer")
+    token_bytes = jax.device_put(tokenizer.token_byte_lengths().astype(np.float32), state_sh.step)
     sched = schedule(cfg.optim, cfg.train.steps)
     train_step = make_train_step(graphdef, optimizer, sched, mesh, state_sh, cfg.optim.grad_accum,
                                  cfg.optim.z_loss, skip_nonfinite=cfg.train.nan_policy == "skip")
-    eval_step = make_eval_step(graphdef, mesh, params_sh, token_bytes)
-    return _Run(cfg, workdir, mesh, tokenizer, graphdef, state, state_sh, train_step, eval_step, data, mngr,
-                start)
+    eval_step = make_eval_step(graphdef, mesh, state_sh.params, token_bytes)
+    return _Run(cfg, workdir, mesh, tokenizer, graphdef, state, train_step, eval_step, data, mngr, start)
 
 
 def evaluate(run: _Run) -> dict[str, float]:
@@ -193,31 +183,25 @@ def _log_record(step: int, m: dict, window_s: float, window_steps: int, cfg: Con
             "mfu": tokens_per_s * flops_per_token(cfg.model, cfg.data.seq_len) / peak}
 
 
-def print_samples(run: _Run) -> list[str]:
-    """Greedy completions of `train.sample_prompts` with the trained weights."""
+def sample_texts(run: _Run) -> list[str]:
+    """Greedy completions (prompt included) of `train.sample_prompts` with the trained weights."""
     from codegen_jax.sample import Generator
 
     model = nnx.merge(run.graphdef, run.state.params)
-    gen = Generator(model, run.tokenizer, run.cfg.model, mesh=run.mesh)
+    gen = Generator(model, run.tokenizer, run.mesh)
     s = run.cfg.sample
     prompts = run.cfg.train.sample_prompts
     outs = gen.generate(prompts, max_new_tokens=s.max_new_tokens, temperature=0.0, stop=s.stop)
-    texts = [prompt + out[0].text for prompt, out in zip(prompts, outs)]
-    if distributed.is_main():
-        for text in texts:
-            print("-" * 60 + "\n" + text)
-        print("-" * 60)
-    return texts
+    return [prompt + out[0].text for prompt, out in zip(prompts, outs)]
 
 
 def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
-          samples: bool = True) -> dict[str, Any]:
+          samples: bool = True, progress: Progress = SILENT) -> dict[str, Any]:
     """Train per `cfg` in `workdir` (resuming when it holds checkpoints); returns {step: loss} of the
-    steps this call ran and the final eval metrics."""
-    from tqdm import tqdm
-
+    steps this call ran, the final eval metrics and (with `samples`) greedy completions of
+    `train.sample_prompts`. Progress, resumes and warnings go to `progress`."""
     path = _prepare_workdir(cfg, workdir)
-    run = _setup(cfg, path, init_from)
+    run = _setup(cfg, path, init_from, progress)
     writer = MetricsWriter(path, distributed.is_main(), cfg.train.wandb, cfg.to_dict())
     writer.truncate_after(run.start_step)
     peak = peak_flops(cfg.train.peak_flops)
@@ -225,8 +209,7 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
     losses: dict[int, float] = {}
     last_eval: dict[str, float] = {}
     last_saved = run.start_step
-    bar = tqdm(total=cfg.train.steps, initial=run.start_step, disable=not distributed.is_main(),
-               desc="train", dynamic_ncols=True)
+    progress.start("train", cfg.train.steps, initial=run.start_step)
     window_start, window_steps = None, 0
     try:
         for step in range(run.start_step + 1, cfg.train.steps + 1):
@@ -237,7 +220,7 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
                 raise UserError(f"loss is not finite at step {step}; the last good checkpoint (step "
                                 f"{last_saved}) is intact; lower optim.lr or set train.nan_policy=skip")
             losses[step] = float(m["loss"])
-            bar.update(1)
+            info = {}
             if window_start is None:  # the first step compiles: keep it out of the throughput window
                 window_start = time.perf_counter()
             else:
@@ -245,8 +228,9 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 record = _log_record(step, m, time.perf_counter() - window_start, window_steps, cfg, peak)
                 writer.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                mfu=f"{record['mfu']:.1%}")
+                info = dict(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            mfu=f"{record['mfu']:.1%}")
+            progress.update(1, **info)
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 last_eval = evaluate(run)
                 writer.write({"step": step, **last_eval})
@@ -256,10 +240,11 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
             if step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0:
                 window_start, window_steps = time.perf_counter(), 0
             if preempt.signal:
-                bar.write(f"received signal {preempt.signal}: saved checkpoint at step {step}; exiting")
+                progress.message(f"received signal {preempt.signal}: saved checkpoint at step {step}; "
+                                 "exiting")
                 break
     finally:
-        bar.close()
+        progress.close()
         try:
             run.mngr.wait_until_finished()
             save_error = None
@@ -271,5 +256,5 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
         raise save_error
     result = {"losses": losses, "eval": last_eval, "workdir": str(path), "preempted": bool(preempt.signal)}
     if samples and not preempt.signal and cfg.train.sample_prompts:
-        result["samples"] = print_samples(run)
+        result["samples"] = sample_texts(run)
     return result

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from codegen_jax.sharding import batch_sharding
+from codegen_jax.sharding import abstract, batch_sharding, opt_state_shardings, state_shardings
 
 Batch = dict[str, jax.Array]
 
@@ -31,6 +31,21 @@ class TrainState:
 
 
 jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt_state"], meta_fields=[])
+
+
+def train_state_layout(abs_params: nnx.State, optimizer: optax.GradientTransformation,
+                       mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
+    """(shardings, abstract values) of the TrainState of a model with (abstract) parameters
+    `abs_params` on `mesh`: params by the rules table, Adam's moments like their parameters, the step
+    replicated. One helper for the loop, checkpoint restore and `plan`."""
+    params_sh = nnx.to_pure_dict(state_shardings(abs_params, mesh))
+    params = abstract(nnx.to_pure_dict(abs_params), params_sh)
+    opt_abs = jax.eval_shape(optimizer.init, params)
+    opt_sh = opt_state_shardings(opt_abs, params_sh, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = TrainState(replicated, params_sh, opt_sh)
+    return shardings, TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params,
+                                 abstract(opt_abs, opt_sh))
 
 
 def target_weights(batch: Batch) -> jax.Array:

@@ -1,0 +1,22 @@
+"""`codegen-jax data inspect --config FILE [--workdir DIR] [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from codegen_jax.commands import config_args, load_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="data tools")
+    dsub = p.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
+    d = dsub.add_parser("inspect", help="corpus, cleaning and packing report")
+    config_args(d)
+    d.add_argument("--workdir")
+    d.set_defaults(run=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    from codegen_jax.data.inspect import inspect_data
+
+    print(inspect_data(load_config(args), workdir=args.workdir))

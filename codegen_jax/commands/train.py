@@ -1,0 +1,34 @@
+"""`codegen-jax train --config C [--workdir DIR] [--init-from CKPT] [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from codegen_jax.commands import config_args, load_config
+from codegen_jax.commands._console import Console
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train or fine-tune a model")
+    config_args(p)
+    p.add_argument("--workdir", help="run directory (default runs/<config name>)")
+    p.add_argument("--init-from", help="load params only from this checkpoint (fresh optimizer)")
+    p.add_argument("--coordinator", help="jax.distributed coordinator host:port (multi-process runs)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Join the other processes if any, train, then print the greedy samples (process 0)."""
+    cfg = load_config(args)
+    from codegen_jax import distributed
+    from codegen_jax.train.loop import train
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    console = Console(enabled=distributed.is_main(), unit="step")
+    result = train(cfg, workdir=args.workdir, init_from=args.init_from, progress=console)
+    if distributed.is_main() and result.get("samples"):
+        for text in result["samples"]:
+            print("-" * 60 + "\n" + text)
+        print("-" * 60)

@@ -1,0 +1,277 @@
+"""The host loop of generation: which requests occupy which slots of the engine's decode state, and
+what their tokens mean as text.
+
+One `Scheduler` round (`step`): admit waiting requests into free slots (prefill, grouped by prompt
+bucket), run a chunk of decode steps, then per row take the new tokens, cut at stop strings, report
+text deltas and finished rows. Two policies share it: static batches (`refill=False`: admit only when
+every slot is free, as `Generator` batching did) and continuous batching (`refill=True`: a slot is
+refilled as soon as its row ends; the server, and `Generator` by default). Shapes are bucketed (prompt
+length, cache capacity, group size), so a stream of requests compiles a few programs, once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from codegen_jax.sample.engine import DecodeState, Engine, fetch, row_keys
+from codegen_jax.sample.filters import SamplingMode, SamplingParams
+from codegen_jax.sample.stops import find_stop, held_back
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest size >= n among minimum and 2^k, 1.5 * 2^k (16, 24, 32, 48, ...): at most 1/3 padding
+    and a logarithmic number of distinct shapes."""
+    size = 1
+    while True:
+        for c in (size, size * 3 // 2):
+            if c >= max(n, minimum):
+                return c
+        size *= 2
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclasses.dataclass
+class Request:
+    """One row to generate: prompt ids (taken as given), budget, sampling values, RNG identity."""
+
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
+    stop: Sequence[str] = ()
+    seed: int = 0
+    key: tuple[int, int] = (0, 0)  # (prompt index, sample index): the row's random stream
+    on_text: Callable[[str], None] | None = None  # streaming: each new piece of final text
+    tag: Any = None  # the caller's
+
+
+@dataclasses.dataclass
+class Result:
+    """A finished row. `tokens` exclude the prompt and EOS; with a stop string they go up to the token
+    in which it starts, so `decode(tokens)` starts with `text`."""
+
+    request: Request
+    text: str
+    tokens: list[int]
+    finish_reason: str  # stop | eos | length | cancelled
+
+
+@dataclasses.dataclass
+class _Row:
+    request: Request
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    sent: int = 0  # characters of text already streamed
+    cancelled: bool = False
+
+
+def _tokens_covering(tokenizer: Any, tokens: list[int], n_chars: int) -> list[int]:
+    """The shortest prefix of `tokens` whose decoded text is at least `n_chars` long."""
+    k = bisect.bisect_left(range(len(tokens) + 1), n_chars, key=lambda i: len(tokenizer.decode(tokens[:i])))
+    return tokens[:k]
+
+
+class Scheduler:
+    """Requests in, `Result`s out, over an `Engine` with `slots` rows. Not thread-safe: one thread
+    calls `submit`, `cancel` and `step` (the server's engine thread)."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, slots: int, *, refill: bool = True, chunk: int = 16,
+                 min_capacity: int = 64):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.slots = -(-slots // engine.dp) * engine.dp
+        self.refill, self.chunk, self.min_capacity = refill, chunk, min_capacity
+        self.context = engine.model_cfg.max_seq_len
+        self.vocab_limit = min(engine.model_cfg.vocab_size, tokenizer.vocab_size)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.rows: dict[int, _Row] = {}  # slot -> row
+        self.finished: list[Result] = []
+        self.state: DecodeState | None = None
+        self.stats = {"run_s": 0.0, "new_tokens": 0, "prefills": 0, "decode_calls": 0}
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue a row; the caller has checked that prompt + budget fit the context."""
+        assert 0 < len(request.ids) and len(request.ids) + request.max_new_tokens <= self.context
+        self.waiting.append(request)
+
+    def cancel(self, tag: Any) -> None:
+        """End every waiting or running row with this tag (a client that went away)."""
+        self.waiting = collections.deque(r for r in self.waiting if r.tag is not tag)
+        for row in self.rows.values():
+            if row.request.tag is tag:
+                row.cancelled = True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.rows)
+
+    def run(self, requests: Sequence[Request]) -> list[Result]:
+        """Generate every request to the end; results in request order."""
+        order = {id(r): i for i, r in enumerate(requests)}
+        for r in requests:
+            self.submit(r)
+        done: list[Result] = []
+        while self.busy:
+            done += self.step()
+        return sorted(done, key=lambda res: order[id(res.request)])
+
+    # -- one round ----------------------------------------------------------------------------------
+
+    def step(self) -> list[Result]:
+        """Admit, decode one chunk, collect. Returns the rows that finished in this round."""
+        t0, compile0 = time.perf_counter(), self.engine.compile_s
+        for slot in [s for s, row in self.rows.items() if row.cancelled]:
+            self._finish(slot, hit_eos=False)
+        if self.waiting and (self.refill or not self.rows):
+            self._admit()
+        if self.rows:
+            self._decode()
+        self.stats["run_s"] += time.perf_counter() - t0 - (self.engine.compile_s - compile0)
+        done, self.finished = self.finished, []
+        return done
+
+    def _mode(self, requests: Sequence[Request]) -> SamplingMode:
+        """The union of what the rows need (each mode is its own compiled program)."""
+        ngrams = {r.no_repeat_ngram for r in requests}
+        if len(ngrams) > 1:
+            raise ValueError(f"rows decoded together need one no_repeat_ngram; got {sorted(ngrams)}")
+        sample = any(r.temperature > 0 for r in requests)
+        tok = self.tokenizer
+        return SamplingMode(
+            sample=sample, top_k=sample and any(0 < r.top_k < self.vocab_limit for r in requests),
+            top_p=sample and any(r.top_p < 1 for r in requests),
+            min_p=sample and any(r.min_p > 0 for r in requests),
+            repetition_penalty=any(r.repetition_penalty != 1 for r in requests), no_repeat_ngram=ngrams.pop(),
+            eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_limit=self.vocab_limit)
+
+    def _ensure_state(self, need: int) -> None:
+        """A state whose capacity holds `need` slots per row (grown, or made anew when idle)."""
+        capacity = min(bucket(max(need, self.min_capacity)), self.context)
+        if self.state is None or (not self.rows and self.state.capacity != capacity):
+            self.state = self.engine.empty(self.slots, capacity)
+        elif self.state.capacity < capacity:
+            self.state = self.engine.grow(self.state, capacity)
+
+    def _admit(self) -> None:
+        batch = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.free_slots))]
+        if not batch:
+            return
+        running = [row.request for row in self.rows.values()]
+        self._ensure_state(max(len(r.ids) + r.max_new_tokens for r in batch + running))
+        free = [s for s in range(self.slots) if s not in self.rows]
+        # one prefill padded to the longest prompt's bucket, in groups of a power of two rows
+        p_len = min(bucket(max(len(r.ids) for r in batch)), self.state.capacity)
+        while batch:
+            n = pow2_at_least(len(batch))
+            if n > len(free):  # not enough slots to pad the group: admit the largest power of two
+                n = 1 << (len(batch).bit_length() - 1)
+            part, batch = batch[:n], batch[n:]
+            slots, free = free[:n], free[n:]
+            self._admit_group(part, slots, p_len)
+
+    def _admit_group(self, group: list[Request], slots: list[int], p_len: int) -> None:
+        """Prefill `group` into `slots` (len(slots) >= len(group); spare slots are filled with copies of
+        the first row that stay done)."""
+        n, tok = len(slots), self.tokenizer
+        fill = group + [group[0]] * (n - len(group))
+
+        def column(name: str, dtype: type) -> np.ndarray:
+            return np.array([getattr(r, name) for r in fill], dtype)
+
+        tokens_np = np.full((n, p_len), tok.pad_id, np.int32)
+        for i, r in enumerate(fill):
+            tokens_np[i, :len(r.ids)] = r.ids
+        lengths_n = np.array([len(r.ids) for r in fill], np.int32)
+        keys_n2 = np.asarray(row_keys(np.array([r.seed & 0xFFFFFFFF for r in fill], np.uint32),
+                                      np.array([r.key[0] for r in fill], np.uint32),
+                                      np.array([r.key[1] for r in fill], np.uint32)))
+        sampling_n = SamplingParams(column("temperature", np.float32), column("top_p", np.float32),
+                                    column("min_p", np.float32), column("top_k", np.int32),
+                                    column("repetition_penalty", np.float32))
+        limit_n = column("max_new_tokens", np.int32)
+        self.state, first_n = self.engine.admit(
+            self.state, tokens_np, lengths_n, np.array(slots, np.int32), np.arange(n) < len(group), keys_n2,
+            sampling_n, limit_n, self._mode(group + [row.request for row in self.rows.values()]))
+        self.stats["prefills"] += 1
+        first_n = fetch(first_n)
+        for i, (slot, r) in enumerate(zip(slots, group)):
+            self.rows[slot] = _Row(r)
+            self._take(slot, [int(first_n[i])])
+        self._collect()
+
+    def _decode(self) -> None:
+        rows = list(self.rows.values())
+        if any(row.request.stop or row.request.on_text for row in rows) or (self.refill and self.waiting):
+            n_steps = self.chunk
+        else:  # nothing to check or admit before the rows end: one call to the end
+            n_steps = bucket(max(row.request.max_new_tokens - len(row.tokens) for row in rows), self.chunk)
+        stop_b = np.array([s not in self.rows for s in range(self.slots)])  # empty slots: done
+        self.state, out_bn = self.engine.decode(self.state, stop_b, n_steps,
+                                                self._mode([row.request for row in rows]))
+        self.stats["decode_calls"] += 1
+        out_bn, n_gen_b = fetch(out_bn), fetch(self.state.n_gen_b)
+        for slot, row in self.rows.items():
+            self._take(slot, [int(t) for t in out_bn[slot, :int(n_gen_b[slot]) - len(row.tokens)]])
+        self._collect()
+
+    def _take(self, slot: int, tokens: list[int]) -> None:
+        row = self.rows[slot]
+        row.tokens.extend(tokens)
+        self.stats["new_tokens"] += len(tokens)
+        self._stream(row)
+
+    def _text(self, row: _Row) -> str:
+        tokens = row.tokens[:-1] if row.tokens and row.tokens[-1] == self.tokenizer.eos_id else row.tokens
+        return self.tokenizer.decode(tokens)
+
+    def _stopped(self, row: _Row) -> int | None:
+        return find_stop(self._text(row), row.request.stop) if row.request.stop else None
+
+    def _stream(self, row: _Row, final: bool = False) -> None:
+        if row.request.on_text is None:
+            return
+        text = self._text(row)
+        cut = self._stopped(row)
+        end = cut if cut is not None else len(text) - (0 if final else held_back(text, row.request.stop))
+        if end > row.sent:
+            row.request.on_text(text[row.sent:end])
+            row.sent = end
+
+    def _collect(self) -> None:
+        """Finish the rows that are done: by the engine (EOS, budget) or by a stop string."""
+        done_b, eos_b = fetch(self.state.done_b), fetch(self.state.eos_b)
+        for slot in list(self.rows):
+            if done_b[slot] or self._stopped(self.rows[slot]) is not None:
+                self._finish(slot, bool(eos_b[slot]))
+
+    def _finish(self, slot: int, hit_eos: bool) -> None:
+        row = self.rows.pop(slot)
+        self._stream(row, final=True)
+        text, tokens, cut = self._text(row), list(row.tokens), self._stopped(row)
+        if tokens and tokens[-1] == self.tokenizer.eos_id:
+            tokens.pop()
+        if cut is not None:
+            result = Result(row.request, text[:cut], _tokens_covering(self.tokenizer, tokens, cut), "stop")
+        elif row.cancelled:
+            result = Result(row.request, text, tokens, "cancelled")
+        else:
+            result = Result(row.request, text, tokens, "eos" if hit_eos else "length")
+        self.finished.append(result)
