@@ -87,11 +87,14 @@ def cached_attention(q_bhk: jax.Array, k_bgks: jax.Array, v_bgsk: jax.Array, mas
 def self_attention(kind: str, q_bhtk: jax.Array, k_bgtk: jax.Array, v_bgtk: jax.Array,
                    segment_ids_bt: jax.Array, window: int = 0) -> jax.Array:
     """The training / prefill attention of `model.attention` ("xla", "cudnn" or "splash"; "auto" is
-    resolved by `resolve` before a model is built)."""
+    resolved by `resolve` before a model is built). Splash needs lengths in multiples of 128: other
+    lengths (short prefill buckets) take the XLA kernel."""
     if kind == "splash":
-        from codegen_jax.splash import splash_attention
+        from codegen_jax import splash
 
-        return splash_attention(q_bhtk, k_bgtk, v_bgtk, segment_ids_bt, window)
+        if splash.supported(q_bhtk.shape[2]):  # its blocks need lengths in multiples of 128
+            return splash.splash_attention(q_bhtk, k_bgtk, v_bgtk, segment_ids_bt, window)
+        kind = "xla"
     if kind == "cudnn":
         return fused_attention(q_bhtk, k_bgtk, v_bgtk, segment_ids_bt, window, "cudnn")
     if kind != "xla":

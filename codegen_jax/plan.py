@@ -15,8 +15,8 @@ import jax
 import numpy as np
 
 from codegen_jax.config import Config, mesh_shape
-from codegen_jax.model import abstract_model, flops_per_token, param_count
-from codegen_jax.sharding import logical_to_spec
+from codegen_jax.model import abstract_model, flops_per_token, param_count, resolve_config
+from codegen_jax.sharding import batch_sharding, logical_to_spec
 
 GIB = 1024**3
 # usable HBM per device (GiB) of accelerators people train on
@@ -107,3 +107,252 @@ def plan(cfg: Config, devices: int | None = None) -> dict[str, Any]:
     out["per_device_bytes"] = sum(out[k] for k in ("params_bytes", "optimizer_bytes", "grads_bytes",
                                                    "activations_bytes"))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# A TPU topology: the real programs compiled by libtpu's compiler on this host
+
+
+def _topology_config(cfg: Config, **overrides: Any) -> Config:
+    """`cfg` with `attention: auto` resolved for TPU and any `section.key` overrides applied."""
+    import dataclasses
+
+    from codegen_jax.config import from_dict
+
+    d = cfg.to_dict()
+    for key, value in overrides.items():
+        section, leaf = key.split(".")
+        d[section][leaf] = value
+    out = from_dict(d)
+    return dataclasses.replace(out, model=resolve_config(out.model, "tpu"))
+
+
+def _train_program(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[Any, tuple]:
+    """The jitted train step and its abstract (state, batch), sharded on `mesh`."""
+    from codegen_jax.train.optim import make_optimizer, schedule
+    from codegen_jax.train.step import make_train_step, train_state_layout
+
+    graphdef, abs_state = abstract_model(cfg.model, "tpu")
+    opt = make_optimizer(cfg.optim, cfg.train.steps)
+    state_sh, state = train_state_layout(abs_state, opt, mesh)
+    step = make_train_step(graphdef, opt, schedule(cfg.optim, cfg.train.steps), mesh, state_sh,
+                           cfg.optim.grad_accum, cfg.optim.z_loss, loss_chunk=cfg.train.loss_chunk)
+    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32,
+                                     sharding=batch_sharding(mesh))
+             for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+    return step, (state, batch)
+
+
+def _sampler_programs(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, tuple[Any, tuple]]:
+    """The sampler's admit (prefill of every slot at once, prompts of half the context) and decode
+    (one step; the loop body is the step) programs at `sample.batch_size` slots of full context."""
+    import dataclasses
+    import functools
+
+    from flax import nnx
+
+    from codegen_jax.sample import engine
+    from codegen_jax.sample.filters import SamplingMode, SamplingParams
+    from codegen_jax.sharding import abstract, state_shardings
+
+    m = dataclasses.replace(cfg.model, scan_layers=False)  # the sampler's layout (model.unstacked)
+    graphdef, abs_params = abstract_model(m, "tpu")
+    params = abstract(nnx.to_pure_dict(abs_params), nnx.to_pure_dict(state_shardings(abs_params, mesh)))
+    slots, capacity, prompt = cfg.sample.batch_size, m.max_seq_len, m.max_seq_len // 2
+    state_sh = engine.state_shardings(m, mesh, slots, capacity)
+    state = abstract(jax.eval_shape(functools.partial(engine.empty_state, m, slots, capacity)), state_sh)
+    mode = SamplingMode(sample=True, top_k=False, top_p=True, min_p=False, repetition_penalty=False,
+                        no_repeat_ngram=0, eos_id=0, pad_id=0, vocab_limit=m.vocab_size)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def arg(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+
+    n = slots
+    sampling = SamplingParams(*(arg((n,), d) for d in (np.float32, np.float32, np.float32, np.int32,
+                                                           np.float32)))
+    admit_args = (params, state, arg((n, prompt), np.int32), arg((n,), np.int32), arg((n,), np.int32),
+                  arg((n,), bool), arg((n, 2), np.uint32), sampling, arg((n,), np.int32))
+    admit = jax.jit(functools.partial(engine.admit, graphdef, mode=mode), donate_argnums=(1,),
+                    out_shardings=(state_sh, None))
+    decode = jax.jit(functools.partial(engine.decode, graphdef, n_steps=1, mode=mode), donate_argnums=(1,),
+                     out_shardings=(state_sh, None))
+    stop = jax.ShapeDtypeStruct((slots,), bool, sharding=batch_sharding(mesh, 1))
+    return {"prefill": (admit, admit_args), "decode": (decode, (params, state, stop))}
+
+
+def _flops_check(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, float]:
+    """The compiler's FLOPs against ours on a program both count in full. The compiler's cost analysis
+    counts a while loop's body once (a scanned layer stack reports about one layer, a chunked loss one
+    chunk, accumulation one microbatch) and gives Pallas kernels (splash attention) no FLOPs, so the
+    check compiles the same step with 2 unrolled layers, 1 row per chip, the whole loss in one piece,
+    no accumulation or remat and the XLA attention, and compares with `flops_per_token` for it."""
+    from codegen_jax import tpu
+
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    check = _topology_config(cfg, **{"model.n_layers": 2, "model.scan_layers": False, "model.remat": "none",
+                                     "model.attention": "xla", "train.batch_size": dp, "train.loss_chunk": 0,
+                                     "optim.grad_accum": 1})
+    step, args = _train_program(check, mesh)
+    r = tpu.compile_report("train_step[flops check]", step, args, mesh)
+    ours = flops_per_token(check.model, check.data.seq_len) * check.data.seq_len * dp / mesh.size
+    return {"check_compiler_flops": r.flops, "check_model_flops": ours, "check_ratio": r.flops / ours,
+            "check_program": "2 unrolled layers, 1 row per chip, no remat, XLA attention, whole loss"}
+
+
+def _remat_factor(cfg: Config) -> float:
+    """Hardware FLOPs over model FLOPs: full remat runs each layer's forward twice (4 passes, not 3)."""
+    if cfg.model.remat != "full":
+        return 1.0  # dots_saveable recomputes elementwise work only
+    m, t = cfg.model, cfg.data.seq_len
+    head = 2 * m.d_model * m.vocab_size
+    return 1 + (flops_per_token(m, t, training=False) - head) / flops_per_token(m, t)
+
+
+def _collective_bytes(cfg: Config, sizes: dict[str, int], per_device_params: int) -> float:
+    """Analytic bytes each chip moves over ICI per train step: fsdp gathers the parameters (in the
+    compute dtype) for the forward, again for the backward (and once more to rematerialize), per
+    microbatch, and reduce-scatters the fp32 gradients; data parallelism all-reduces them."""
+    m = cfg.model
+    elem = np.dtype(m.dtype).itemsize / np.dtype(m.param_dtype).itemsize
+    gathers = 3 if m.remat == "full" else 2
+    fsdp, data = sizes["fsdp"], sizes["data"]
+    full = per_device_params * fsdp  # this chip's parameters before the fsdp split
+    moved = 0.0
+    if fsdp > 1:
+        moved += cfg.optim.grad_accum * gathers * full * elem * (fsdp - 1) / fsdp + full * (fsdp - 1) / fsdp
+    if data > 1:
+        moved += 2 * per_device_params * (data - 1) / data
+    return moved
+
+
+def plan_topology(cfg: Config, topology: str, programs: tuple[str, ...] = ("train_step", "prefill", "decode"),
+                  estimate: bool = True) -> dict[str, Any]:
+    """Compile `programs` of `cfg` for a TPU slice (e.g. `v5e-8`) on this host and report per-chip
+    memory against HBM; with `estimate`, the compiler's FLOPs against the analytic ones and a roofline
+    estimate of the step time and MFU (vendor peak FLOP/s, HBM and ICI bandwidth; perfect overlap)."""
+    from codegen_jax import tpu
+    from codegen_jax.config import check_batch
+    from codegen_jax.sharding import make_mesh
+
+    topo = tpu.parse_topology(topology)
+    devices = tpu.devices(topo)
+    sizes = mesh_shape(cfg.mesh, topo.chips)
+    check_batch(cfg, topo.chips)
+    cfg = _topology_config(cfg)
+    mesh = make_mesh(sizes, devices)
+    hbm = tpu.hbm_bytes(devices[0])
+    reports: dict[str, Any] = {}
+    jobs = {"train_step": lambda: _train_program(cfg, mesh)} if "train_step" in programs else {}
+    sampler = [p for p in ("prefill", "decode") if p in programs]
+    if sampler:
+        built = _sampler_programs(cfg, mesh)
+        jobs.update({p: (lambda p=p: built[p]) for p in sampler})
+    for name, make in jobs.items():
+        jitted, args = make()
+        reports[name] = tpu.compile_report(name, jitted, args, mesh).to_dict(hbm)
+    out = {"config": cfg.name, "topology": topo.name, "topology_name": topo.topology_name, "chips": topo.chips,
+           "chip": topo.chip.family, "mesh": sizes, "hbm_bytes": hbm, "params": param_count(cfg.model),
+           "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len), "programs": reports,
+           "fits": all(r["fits"] for r in reports.values())}
+    if estimate and "train_step" in reports and reports["train_step"]["fits"]:
+        out["estimate"] = _train_estimate(cfg, topo, sizes, reports["train_step"], mesh)
+    if estimate and "decode" in reports and reports["decode"]["fits"]:
+        out["decode_estimate"] = _decode_estimate(cfg, topo, reports["decode"])
+    return out
+
+
+def _train_estimate(cfg: Config, topo: Any, sizes: dict[str, int], report: dict, mesh) -> dict[str, Any]:
+    """Roofline step time of the train step on this slice, labelled as the estimate it is: the larger of
+    compute time (model FLOPs times the remat factor at peak bf16 FLOP/s) and collective time
+    (`_collective_bytes` at the chip's ICI bandwidth), perfect overlap assumed."""
+    chip = topo.chip
+    tokens_per_chip = cfg.train.batch_size * cfg.data.seq_len / topo.chips
+    model_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_chip
+    _, params_dev = shard_bytes(cfg, sizes)
+    times = {"compute_s": model_flops * _remat_factor(cfg) / chip.peak_flops,
+             "ici_s": _collective_bytes(cfg, sizes, params_dev) / chip.ici_bandwidth}
+    step_s = max(times.values())
+    m = cfg.model
+    if m.scan_layers or m.attention == "splash" or cfg.train.loss_chunk or cfg.optim.grad_accum > 1:
+        check = _flops_check(cfg, mesh)
+    else:  # nothing in the real step escapes the compiler's count: compare it directly
+        check = {"check_compiler_flops": report["flops"], "check_model_flops": model_flops,
+                 "check_ratio": report["flops"] / model_flops, "check_program": "the train step itself"}
+    return {"kind": "roofline estimate, not a measurement: max(compute, ICI) with perfect overlap",
+            "compiler_flops_as_counted": report["flops"], **check,
+            "model_flops_per_chip": model_flops, "remat_factor": _remat_factor(cfg), **times,
+            "bound": max(times, key=times.get).removesuffix("_s"), "step_s": step_s,
+            "mfu": model_flops / (step_s * chip.peak_flops), "peak_flops": chip.peak_flops}
+
+
+def _decode_estimate(cfg: Config, topo: Any, report: dict) -> dict[str, Any]:
+    """One decode step (the compiled loop body is one step, so the compiler's counts are per step):
+    the larger of its FLOPs at peak and its bytes at HBM bandwidth, and the tokens/s it implies."""
+    chip = topo.chip
+    times = {"compute_s": report["flops"] / chip.peak_flops, "hbm_s": report["bytes_accessed"] / chip.hbm_bandwidth}
+    step_s = max(times.values())
+    return {"kind": "roofline estimate of one decode step (compiler FLOPs and bytes)", **times, "step_s": step_s,
+            "bound": max(times, key=times.get).removesuffix("_s"),
+            "tokens_per_s": cfg.sample.batch_size / step_s if step_s > 0 else 0.0}
+
+
+# ---------------------------------------------------------------------------------------------------
+# --search: the fastest setting that fits, by compiling candidates in order of estimated speed
+
+
+def _candidates(cfg: Config, chips: int) -> list[dict[str, Any]]:
+    """Overrides to try: rows per chip through grad_accum, remat none/dots_saveable/full, and the
+    model split over fsdp alone or fsdp with tensor 2 or 4 (where the heads divide)."""
+    m = cfg.model
+    data = cfg.mesh.data if cfg.mesh.data > 0 else 1
+    out = []
+    for tensor in (1, 2, 4):
+        if chips % (data * tensor) or m.n_heads % tensor or m.n_kv_heads % tensor:
+            continue
+        fsdp = chips // (data * tensor)
+        rows = cfg.train.batch_size // (data * fsdp)
+        if rows == 0 or cfg.train.batch_size % (data * fsdp):
+            continue
+        for remat in ("none", "dots_saveable", "full"):
+            for accum in (a for a in (1, 2, 4, 8, 16) if rows % a == 0):
+                out.append({"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, "model.remat": remat,
+                            "optim.grad_accum": accum})
+    return out
+
+
+def _estimated_seconds(cfg: Config, topo: Any) -> float:
+    """Analytic step time for ordering candidates: compute with remat, fsdp gathers per microbatch,
+    and tensor parallelism's activation all-reduces (4 per layer, forward and backward)."""
+    sizes = mesh_shape(cfg.mesh, topo.chips)
+    _, params_dev = shard_bytes(cfg, sizes)
+    tokens = cfg.train.batch_size * cfg.data.seq_len / (sizes["data"] * sizes["fsdp"])
+    compute = flops_per_token(cfg.model, cfg.data.seq_len) * tokens / sizes["tensor"] * _remat_factor(cfg)
+    tp = sizes["tensor"]
+    act = 4 * cfg.model.n_layers * tokens * cfg.model.d_model * np.dtype(cfg.model.dtype).itemsize * (tp - 1) / tp
+    comm = _collective_bytes(cfg, sizes, params_dev) + act
+    return max(compute / topo.chip.peak_flops, comm / topo.chip.ici_bandwidth) * (1 + 0.02 * cfg.optim.grad_accum)
+
+
+def search(cfg: Config, topology: str, max_compiles: int = 8) -> dict[str, Any]:
+    """Compile the train step for candidates (`_candidates`) fastest-estimated first, until one fits
+    with 10% of HBM to spare; returns the winner's overrides (None if none fits within
+    `max_compiles`) and every compile tried."""
+    from codegen_jax import tpu
+    from codegen_jax.sharding import make_mesh
+
+    topo = tpu.parse_topology(topology)
+    devices = tpu.devices(topo)
+    hbm = tpu.hbm_bytes(devices[0])
+    ranked = sorted(_candidates(cfg, topo.chips), key=lambda o: _estimated_seconds(_topology_config(cfg, **o), topo))
+    tried = []
+    for overrides in ranked[:max_compiles]:
+        trial = _topology_config(cfg, **overrides)
+        mesh = make_mesh(mesh_shape(trial.mesh, topo.chips), devices)
+        step, args = _train_program(trial, mesh)
+        r = tpu.compile_report("train_step", step, args, mesh).to_dict(hbm)
+        tried.append({"overrides": overrides, "estimated_step_s": _estimated_seconds(trial, topo),
+                      "per_device_bytes": r["per_device_bytes"], "fits": r["fits"], "compile_s": r["compile_s"]})
+        if r["fits"] and r["per_device_bytes"] <= 0.9 * hbm:
+            return {"best": overrides, "tried": tried, "hbm_bytes": hbm}
+    return {"best": None, "tried": tried, "hbm_bytes": hbm}

@@ -51,10 +51,27 @@ def test_meshes_agree_with_single_device_and_follow_rules():
             with jax.set_mesh(mesh):
                 logits = fwd(state, global_batch({"tokens": tokens}, mesh))
             report[str(shape)] = dict(err=float(np.abs(np.asarray(logits) - ref).max()), bad=bad)
-        print(json.dumps(report))
+        # splash attention in shard_map over the same meshes (Pallas interpret mode on CPU), 2 kv heads
+        # that tensor=2 splits and 1 that it cannot (repeated per query head), against the XLA kernel
+        from codegen_jax.attention import causal_attention
+        from codegen_jax.splash import splash_attention
+        keys = jax.random.split(jax.random.PRNGKey(0), 3)
+        seg = jnp.asarray(np.sort(np.random.RandomState(1).randint(0, 3, (8, 128)), axis=1))
+        splash = {}
+        for g in (2, 1):
+            q = jax.random.normal(keys[0], (8, 4, 128, 32))
+            k, v = (jax.random.normal(kk, (8, g, 128, 32)) for kk in keys[1:])
+            want = causal_attention(q, k, v, seg)
+            for shape in [dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2)]:
+                with jax.set_mesh(make_mesh(shape)):
+                    got = jax.jit(splash_attention)(q, k, v, seg)
+                splash[f"{g} kv heads {shape}"] = float(np.abs(np.asarray(got) - np.asarray(want)).max())
+        print(json.dumps({"models": report, "splash": splash}))
     """)
-    report = json.loads(out.strip().splitlines()[-1])
+    out = json.loads(out.strip().splitlines()[-1])
+    report = out["models"]
     assert len(report) == 3
     for mesh, r in report.items():
         assert r["bad"] == [], (mesh, r["bad"])
         assert r["err"] < 1e-5, (mesh, r["err"])
+    assert len(out["splash"]) == 4 and max(out["splash"].values()) < 1e-5, out["splash"]

@@ -47,9 +47,9 @@ def test_prompt_labels_and_padding_carry_no_loss():
     batch = _batch(prompt=6)
     batch["segment_ids"][:, 12:] = 0  # padding tail
     w = np.asarray(target_weights(batch))
-    assert w[:, :5].sum() == 0 and w[:, 5:11].all() and w[:, 11:].sum() == 0
-    logits = jax.random.normal(jax.random.key(0), (8, 15, 101))
-    labels = jnp.asarray(batch["tokens"][:, 1:])
+    assert w.shape == (8, 16) and w[:, :5].sum() == 0 and w[:, 5:11].all() and w[:, 11:].sum() == 0
+    logits = jax.random.normal(jax.random.key(0), (8, 16, 101))
+    labels = jnp.pad(jnp.asarray(batch["tokens"][:, 1:]), ((0, 0), (0, 1)))
     base = float(jnp.sum(masked_nll(logits, labels)[0] * w))
     prompt_changed = labels.at[:, 2].set((labels[:, 2] + 1) % 101)  # a prompt token's label
     pad_changed = labels.at[:, 13].set((labels[:, 13] + 1) % 101)  # a padding label
@@ -63,8 +63,20 @@ def test_packed_boundary_target_is_excluded():
     batch = _batch(t=8)
     batch["segment_ids"][:] = [1, 1, 1, 2, 2, 2, 2, 0]
     w = np.asarray(target_weights(batch))[0]
-    # position 2 would predict the next document's first token: not a target
-    assert list(w) == [1, 1, 0, 1, 1, 1, 0]
+    # position 2 would predict the next document's first token: not a target; the last, nothing
+    assert list(w) == [1, 1, 0, 1, 1, 1, 0, 0]
+
+
+def test_chunked_loss_equals_the_whole_row_in_values_and_gradients():
+    """train.loss_chunk: the LM head and cross entropy on 8 positions at a time (rematerialized)."""
+    cfg = tiny_config()
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    graphdef, _, state, _ = _state(cfg, mesh)
+    batch = jax.tree.map(jnp.asarray, _batch(t=32, prompt=3))
+    whole = grads_and_metrics(graphdef, state.params, batch, 1, 1e-3)
+    chunked = grads_and_metrics(graphdef, state.params, batch, 1, 1e-3, loss_chunk=8)
+    assert float(chunked[1]["loss"]) == pytest.approx(float(whole[1]["loss"]), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), chunked[0], whole[0])
 
 
 def test_grad_accumulation_equals_full_batch():

@@ -161,6 +161,22 @@ def grow(state: DecodeState, *, capacity: int) -> DecodeState:
                          tokens_bs=jnp.pad(state.tokens_bs, ((0, 0), (0, pad))))
 
 
+def state_shardings(model_cfg: Any, mesh: jax.sharding.Mesh, slots: int, capacity: int) -> Any:
+    """Where a state's arrays live: slots over the batch axes, cached keys/values also over kv heads
+    (the rules table), the rest replicated."""
+    abstract = jax.eval_shape(functools.partial(empty_state, model_cfg, slots, capacity))
+
+    def one(path, x):
+        names = ("batch",) + (None,) * (x.ndim - 1)
+        if any(getattr(k, "name", None) == "k_bgks" for k in path):
+            names = K_BGKS
+        elif any(getattr(k, "name", None) == "v_bgsk" for k in path):
+            names = V_BGSK
+        return NamedSharding(mesh, logical_to_spec(names, x.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
 @jax.jit
 def row_keys(seed_b: jax.Array, prompt_idx_b: jax.Array, sample_idx_b: jax.Array) -> jax.Array:
     """Raw uint32 [b, 2] keys: fold_in(fold_in(PRNGKey(seed), prompt index), sample index) per row."""
@@ -206,21 +222,7 @@ class Engine:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     def state_shardings(self, slots: int, capacity: int) -> Any:
-        """Where a state's arrays live: slots over the batch axes, cached keys/values also over kv heads
-        (the rules table), the rest replicated. None without a mesh."""
-        if self.mesh is None:
-            return None
-        abstract = jax.eval_shape(functools.partial(empty_state, self.model_cfg, slots, capacity))
-
-        def one(path, x):
-            names = ("batch",) + (None,) * (x.ndim - 1)
-            if any(getattr(k, "name", None) == "k_bgks" for k in path):
-                names = K_BGKS
-            elif any(getattr(k, "name", None) == "v_bgsk" for k in path):
-                names = V_BGSK
-            return NamedSharding(self.mesh, logical_to_spec(names, x.shape, self.mesh))
-
-        return jax.tree_util.tree_map_with_path(one, abstract)
+        return None if self.mesh is None else state_shardings(self.model_cfg, self.mesh, slots, capacity)
 
     def _compiled(self, key: tuple, fn: Any, args: tuple, donate: tuple[int, ...] = (),
                   out_shardings: Any = None) -> Any:

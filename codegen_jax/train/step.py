@@ -3,7 +3,7 @@ over microbatches, explicit in/out shardings, donated state.
 
 A batch is a dict of int32 [b, t] arrays: tokens, segment_ids (0 = padding), positions, loss_mask
 (1 where the token is a training target). Position t predicts token t+1 and counts only when that token
-is a target in the same document.
+is a target in the same document (the last position predicts nothing).
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ def train_state_layout(abs_params: nnx.State, optimizer: optax.GradientTransform
 
 
 def target_weights(batch: Batch) -> jax.Array:
-    """[b, t-1] float weights of the next-token targets: a completion token of the same document."""
+    """[b, t] float weights of the next-token targets: position t's target is token t+1 when that is a
+    target token of the same document (the last position has none: weight 0)."""
     seg = batch["segment_ids"]
-    same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-    return (same_doc & (batch["loss_mask"][:, 1:] > 0)).astype(jnp.float32)
+    same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & (batch["loss_mask"][:, 1:] > 0)
+    return jnp.pad(same_doc.astype(jnp.float32), ((0, 0), (0, 1)))
 
 
 def masked_nll(logits_btv: jax.Array, labels_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -63,33 +64,53 @@ def masked_nll(logits_btv: jax.Array, labels_bt: jax.Array) -> tuple[jax.Array, 
     return log_z_bt - target_logit_bt, log_z_bt
 
 
-def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Next-token NLL [b, t-1] and log-partition [b, t-1] of the batch under `params`."""
+def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Next-token NLL [b, t] and log-partition [b, t] of the batch under `params` (the last position's
+    label is a placeholder; `target_weights` gives it weight 0).
+
+    With `chunk`, the LM head and cross entropy run on `chunk` positions at a time, each chunk
+    rematerialized: the [b, t, vocab] fp32 logits (and their gradient) are never all live, which on a
+    2048-token row of a 32k vocabulary is 256 MiB per sequence each."""
     model = nnx.merge(graphdef, params)
-    logits_btv, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return masked_nll(logits_btv[:, :-1], batch["tokens"][:, 1:])
+    x_btd, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
+    labels_bt = jnp.pad(batch["tokens"][:, 1:], ((0, 0), (0, 1)))
+    t = x_btd.shape[1]
+    if chunk <= 0 or chunk >= t or t % chunk:
+        return masked_nll(model.logits(x_btd), labels_bt)
+
+    @jax.checkpoint
+    def piece(xs):
+        x_bcd, labels_bc = xs
+        return masked_nll(model.logits(x_bcd), labels_bc)
+
+    b, n = x_btd.shape[0], t // chunk
+    # chunks first ([n, b, c, ...]: the batch axis keeps its sharding), one compiled body for all
+    x_nbcd = jnp.moveaxis(x_btd.reshape(b, n, chunk, -1), 1, 0)
+    labels_nbc = jnp.moveaxis(labels_bt.reshape(b, n, chunk), 1, 0)
+    nll_nbc, log_z_nbc = jax.lax.map(piece, (x_nbcd, labels_nbc))
+    return jnp.moveaxis(nll_nbc, 0, 1).reshape(b, t), jnp.moveaxis(log_z_nbc, 0, 1).reshape(b, t)
 
 
-def _sums(graphdef, params, batch, z_loss: float):
+def _sums(graphdef, params, batch, z_loss: float, chunk: int = 0):
     """(objective sum, (nll sum, target count)) over one microbatch."""
-    nll_bt, log_z_bt = token_nll(graphdef, params, batch)
+    nll_bt, log_z_bt = token_nll(graphdef, params, batch, chunk)
     w_bt = target_weights(batch)
     nll_sum = jnp.sum(nll_bt * w_bt)
     objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z_bt) * w_bt)
     return objective, (nll_sum, jnp.sum(w_bt))
 
 
-def grads_and_metrics(graphdef, params, batch: Batch, microbatches: int, z_loss: float):
+def grads_and_metrics(graphdef, params, batch: Batch, microbatches: int, z_loss: float, loss_chunk: int = 0):
     """Gradient of the token-mean objective over the whole batch, summed over microbatches inside one
     `lax.scan` so accumulation is exact (sum of sums, one division at the end)."""
     grad_fn = jax.value_and_grad(_sums, argnums=1, has_aux=True)
     if microbatches == 1:
-        (_, (nll_sum, count)), grads = grad_fn(graphdef, params, batch, z_loss)
+        (_, (nll_sum, count)), grads = grad_fn(graphdef, params, batch, z_loss, loss_chunk)
     else:
         split = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
 
         def body(acc, micro):
-            (_, (nll, n)), g = grad_fn(graphdef, params, micro, z_loss)
+            (_, (nll, n)), g = grad_fn(graphdef, params, micro, z_loss, loss_chunk)
             return jax.tree.map(jnp.add, acc, (g, nll, n)), None
 
         zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
@@ -101,13 +122,14 @@ def grads_and_metrics(graphdef, params, batch: Batch, microbatches: int, z_loss:
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: jax.sharding.Mesh, state_shardings: Any,
-                    microbatches: int = 1, z_loss: float = 0.0, skip_nonfinite: bool = False
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    microbatches: int = 1, z_loss: float = 0.0, skip_nonfinite: bool = False,
+                    loss_chunk: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """jit(train_step) with the state donated and pinned to `state_shardings`, the batch on the data
-    axes. With `skip_nonfinite`, a step whose loss or gradient is NaN/Inf leaves the state unchanged."""
+    axes. With `skip_nonfinite`, a step whose loss or gradient is NaN/Inf leaves the state unchanged;
+    `loss_chunk` is `token_nll`'s chunk."""
 
     def train_step(state: TrainState, batch: Batch):
-        grads, metrics = grads_and_metrics(graphdef, state.params, batch, microbatches, z_loss)
+        grads, metrics = grads_and_metrics(graphdef, state.params, batch, microbatches, z_loss, loss_chunk)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -124,13 +146,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, params_shardings: Any,
-                   token_bytes_v: jax.Array) -> Callable[[Any, Batch], dict]:
+                   token_bytes_v: jax.Array, loss_chunk: int = 0) -> Callable[[Any, Batch], dict]:
     """jit(eval_step): summed nll (nats), target count and target UTF-8 bytes, for loss and bits/byte."""
 
     def eval_step(params, batch: Batch):
-        nll_bt, _ = token_nll(graphdef, params, batch)
+        nll_bt, _ = token_nll(graphdef, params, batch, loss_chunk)
         w_bt = target_weights(batch)
-        n_bytes = jnp.sum(token_bytes_v[batch["tokens"][:, 1:]] * w_bt)
+        n_bytes = jnp.sum(token_bytes_v[jnp.pad(batch["tokens"][:, 1:], ((0, 0), (0, 1)))] * w_bt)
         return {"nll_sum": jnp.sum(nll_bt * w_bt), "tokens": jnp.sum(w_bt), "bytes": n_bytes}
 
     return jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh)))
