@@ -17,11 +17,11 @@ _LOCAL_ONLY = ("config", "out", "hf", "samples", "problems")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from codegen_jax.commands import data, eval as eval_cmd, generate, hf, plan, tokenizer, train
+    from codegen_jax.commands import data, eval as eval_cmd, generate, hf, plan, serve, tokenizer, train
 
     parser = argparse.ArgumentParser(prog="codegen-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for module in (train, generate, hf, eval_cmd, tokenizer, data, plan):
+    for module in (train, generate, hf, eval_cmd, tokenizer, data, plan, serve):
         module.register(sub)
     return parser
 

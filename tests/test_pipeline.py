@@ -23,7 +23,7 @@ PAD = 1
 
 def _cfg(corpus, *, seq_len=128, batch=8, pair_ratio=0.0, seed=0, pack="first_fit", **data) -> Config:
     cfg = Config()
-    data = {"source": "files", "val_fraction": 0.1, **data}
+    data = {"source": "files", "val_fraction": 0.1, "fim_rate": 0.0, **data}  # FIM: tests/test_fim.py
     cfg.data = DataConfig(paths=[str(corpus)], seq_len=seq_len, pair_ratio=pair_ratio, shuffle_seed=seed,
                           pack=pack, **data)
     cfg.train.batch_size = batch

@@ -62,6 +62,17 @@ def _pairs_report(cfg: Config, tok: CodeTokenizer, out: list[str]) -> None:
     out.append(f"  mix: {cfg.data.pair_ratio:.0%} of examples are pairs (data.pair_ratio)")
 
 
+def _fim_report(cfg: Config, tok: CodeTokenizer, out: list[str]) -> None:
+    from codegen_jax.data.pipeline import fim_active
+
+    if fim_active(cfg, tok, "train"):
+        out.append(f"fill-in-the-middle: {cfg.data.fim_rate:.0%} of training documents (data.fim_rate), "
+                   f"{cfg.data.fim_spm_rate:.0%} of those in SPM order; tokens {', '.join(tok.fim.names)}")
+    else:
+        why = "data.fim_rate=0" if cfg.data.fim_rate <= 0 else "the tokenizer has no FIM tokens"
+        out.append(f"fill-in-the-middle: off ({why})")
+
+
 def _tokens_report(cfg: Config, tok: CodeTokenizer, out: list[str]) -> None:
     docs, total = [], 0
     for d in load_corpus(cfg.data).plain("train"):
@@ -82,7 +93,8 @@ def _tokens_report(cfg: Config, tok: CodeTokenizer, out: list[str]) -> None:
 
 def _render(tok: CodeTokenizer, ids: list[int]) -> str:
     """Text of `ids` with special tokens written by name."""
-    specials = {tok.bos_id, tok.eos_id, tok.pad_id, tok.inst_id, tok.sep_id} - {None}
+    fim = [tok.fim.prefix, tok.fim.middle, tok.fim.suffix, tok.fim.pad] if tok.fim else []
+    specials = {tok.bos_id, tok.eos_id, tok.pad_id, tok.inst_id, tok.sep_id, *fim} - {None}
     return "".join("".join(tok.hf.convert_ids_to_tokens(run)) if special else tok.decode(run)
                    for special, run in ((k, list(g)) for k, g in itertools.groupby(ids, specials.__contains__)))
 
@@ -98,11 +110,16 @@ def _render_segment(tok: CodeTokenizer, tokens: np.ndarray, mask: np.ndarray) ->
 
 
 def _rows_to_show(batches: list[dict], tok: CodeTokenizer) -> list[tuple[int, int]]:
-    """(batch, row) of a row holding an instruction pair (if any), then rows with the most segments."""
+    """(batch, row) of a row holding an instruction pair and of one holding a FIM document (if any),
+    then rows with the most segments."""
     rows = [(b, r) for b in range(len(batches)) for r in range(batches[b]["tokens"].shape[0])]
     by_segments = sorted(rows, key=lambda br: -int(batches[br[0]]["segment_ids"][br[1]].max()))
-    with_pair = [(b, r) for b, r in rows if tok.inst_id is not None and (batches[b]["tokens"][r] == tok.inst_id).any()]
-    return list(dict.fromkeys(with_pair[:1] + by_segments))[:SHOW_ROWS]
+
+    def holding(token_id):
+        return [(b, r) for b, r in rows if token_id is not None and (batches[b]["tokens"][r] == token_id).any()]
+
+    fim = holding(tok.fim.prefix) if tok.fim else []
+    return list(dict.fromkeys(holding(tok.inst_id)[:1] + fim[:1] + by_segments))[:SHOW_ROWS + bool(fim)]
 
 
 def _row_report(tok: CodeTokenizer, b: dict, name: str, row: int, out: list[str]) -> None:
@@ -135,6 +152,7 @@ def inspect_data(cfg: Config, workdir: str | Path | None = None) -> str:
     tok, where = _tokenizer(cfg, workdir)
     out.append(f"tokenizer: {tok.vocab_size} tokens, {where}")
     _pairs_report(cfg, tok, out)
+    _fim_report(cfg, tok, out)
     _tokens_report(cfg, tok, out)
     _packing_report(cfg, tok, out)
     return "\n".join(out)

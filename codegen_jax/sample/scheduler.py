@@ -89,10 +89,15 @@ class Scheduler:
     calls `submit`, `cancel` and `step` (the server's engine thread)."""
 
     def __init__(self, engine: Engine, tokenizer: Any, slots: int, *, refill: bool = True, chunk: int = 16,
-                 min_capacity: int = 64):
+                 min_capacity: int = 64, max_group: int = 0):
+        """`chunk`: decode steps per round when rows may need the host in between (stop strings,
+        streaming, waiting requests); `min_capacity`: the smallest cache (the server sets the context,
+        so shapes never change); `max_group`: the most prompts prefilled together (0: any; the server
+        uses 1, so a request's prefill has the same shape however many arrive with it)."""
         self.engine, self.tokenizer = engine, tokenizer
         self.slots = -(-slots // engine.dp) * engine.dp
         self.refill, self.chunk, self.min_capacity = refill, chunk, min_capacity
+        self.max_group = max_group or self.slots
         self.context = engine.model_cfg.max_seq_len
         self.vocab_limit = min(engine.model_cfg.vocab_size, tokenizer.vocab_size)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -177,15 +182,17 @@ class Scheduler:
         running = [row.request for row in self.rows.values()]
         self._ensure_state(max(len(r.ids) + r.max_new_tokens for r in batch + running))
         free = [s for s in range(self.slots) if s not in self.rows]
-        # one prefill padded to the longest prompt's bucket, in groups of a power of two rows
-        p_len = min(bucket(max(len(r.ids) for r in batch)), self.state.capacity)
+        # prefills of a power of two rows each, padded to the bucket of their longest prompt (longest
+        # first, so rows of similar length share one)
+        batch.sort(key=lambda r: -len(r.ids))
         while batch:
+            limit = min(len(free), self.max_group)
             n = pow2_at_least(len(batch))
-            if n > len(free):  # not enough slots to pad the group: admit the largest power of two
-                n = 1 << (len(batch).bit_length() - 1)
+            if n > limit:  # the group cannot be padded up to n rows: the largest power of two that fits
+                n = 1 << (min(len(batch), limit).bit_length() - 1)
             part, batch = batch[:n], batch[n:]
             slots, free = free[:n], free[n:]
-            self._admit_group(part, slots, p_len)
+            self._admit_group(part, slots, min(bucket(len(part[0].ids)), self.state.capacity))
 
     def _admit_group(self, group: list[Request], slots: list[int], p_len: int) -> None:
         """Prefill `group` into `slots` (len(slots) >= len(group); spare slots are filled with copies of
