@@ -33,9 +33,24 @@ class ModelConfig:
     d_ff: int = 704
     max_seq_len: int = 2048  # context length: the KV cache and generation limit
     rope_theta: float = 10000.0
+    # RoPE scaling, as HF's rope_parameters: none | linear | llama3 | yarn (model.rope_inv_freq turns
+    # these into the inverse frequencies with transformers' formulas)
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0  # linear, llama3, yarn: context extension factor
+    rope_original_max_seq_len: int = 0  # llama3, yarn: the pretraining context (HF original_max_position_embeddings)
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn: the ramp between extrapolated and interpolated frequencies
+    rope_beta_slow: float = 1.0  # yarn
+    rope_truncate: bool = True  # yarn: round the ramp's ends to whole dimensions (HF's default)
+    rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 * ln(rope_factor) + 1, as HF
     norm_eps: float = 1e-5
+    norm: str = "rms"  # rms (RMSNorm, Llama) | layer (LayerNorm with a bias, StarCoder2)
+    mlp: str = "swiglu"  # swiglu (Llama) | gelu_tanh (c_fc -> GELU, tanh approximation -> c_proj; StarCoder2)
     tie_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    attention_bias: bool = False  # q/k/v biases (Qwen2, StarCoder2)
+    attention_out_bias: bool = False  # o_proj bias (StarCoder2, Llama's attention_bias)
+    mlp_bias: bool = False  # c_fc / c_proj biases (mlp=gelu_tanh only)
     sliding_window: int = 0  # attend to at most this many positions back (0: unlimited)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -56,22 +71,38 @@ class MeshConfig:
 @dataclasses.dataclass
 class DataConfig:
     source: str = "stdlib"  # stdlib | files (source trees) | datasets (jsonl/parquet/arrow/save_to_disk)
+    # | prepared (directories written by `codegen-jax data prepare`)
     paths: list[str] = dataclasses.field(default_factory=list)
     extensions: list[str] = dataclasses.field(default_factory=lambda: [".py"])
     text_field: str = "text"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
+    messages_field: str = "messages"  # chat rows: OpenAI-style [{"role", "content"}, ...], loss on assistant
     seq_len: int = 256
     tokenizer: str = ""  # a tokenizer directory; empty: train one on the corpus into WORKDIR/tokenizer
     pair_ratio: float = 0.3  # share of examples that are docstring -> code instruction pairs
+    fim_rate: float = 0.5  # share of training documents rewritten fill-in-the-middle (0: none)
+    fim_spm_rate: float = 0.5  # share of those in suffix-prefix-middle order (else prefix-suffix-middle)
     val_fraction: float = 0.02
     max_file_bytes: int = 1_000_000
     max_line_length: int = 1000
     min_alnum_fraction: float = 0.25
     max_docs: int = 0  # 0: all documents
+    # documents whose path matches one of these shell patterns are left out (drop reason "excluded"),
+    # e.g. the standard library's own test suite: ["test/*", "*/test/*", "*/tests/*", "*/idle_test/*"]
+    exclude: list[str] = dataclasses.field(default_factory=list)
     pack: str = "first_fit"  # first_fit | best_fit
     shuffle_seed: int = 0
     num_workers: int = 0  # grain worker processes; 0: in the main process
+    # corpus preparation (data prepare) and prepared data
+    languages: list[str] = dataclasses.field(default_factory=list)  # keep only these languages; empty: all
+    language_weights: list[str] = dataclasses.field(default_factory=list)  # "name:weight" train resampling
+    redact: bool = True  # e-mails, IPs and secrets -> <EMAIL>, <IP_ADDRESS>, <KEY>, <PASSWORD>
+    near_dedup: bool = True  # MinHash over 5-gram shingles; one document kept per cluster
+    near_dup_threshold: float = 0.7  # estimated Jaccard similarity at which two documents are duplicates
+    decontaminate: bool = True  # drop documents sharing n-grams or docstrings with HumanEval + decontam_files
+    decontam_ngram: int = 10  # words per n-gram
+    decontam_files: list[str] = dataclasses.field(default_factory=list)  # more problems (HumanEval-style JSONL)
 
 
 @dataclasses.dataclass
@@ -102,6 +133,13 @@ class TrainConfig:
     eval_batches: int = 4
     nan_policy: str = "stop"  # stop | skip
     peak_flops: float = 0.0  # per device; 0: measured once by a matmul probe
+    # wall-clock budget of the run in seconds (0: none): after timing the first steps the run is
+    # shortened to fit it (never lengthened past train.steps); see codegen_jax/train/budget.py
+    time_budget_s: float = 0.0
+    parse_eval: bool = False  # at the end, the share of greedy function completions that parse
+    # LM head + cross entropy on this many positions at a time, each chunk rematerialized (0: the whole
+    # row): bounds the [batch, seq_len, vocab] fp32 logits and their gradient on accelerators
+    loss_chunk: int = 0
     sample_prompts: list[str] = dataclasses.field(
         # no trailing newline: the tokenizer merges "\n" with the next line's indentation, so the model
         # should write that token itself
@@ -113,12 +151,17 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class SampleConfig:
+    batch_size: int = 16  # decode slots (the rows generated at once) in serving and `plan`
     max_new_tokens: int = 96
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
     stop: list[str] = dataclasses.field(default_factory=lambda: ["\ndef", "\nclass", "\nif __name__"])
+    # for the samples a run prints and its parse-rate check (`generate` takes its own flags, off by
+    # default so that greedy output equals HF's): HF's repetition penalty (1: off), n-gram blocking
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
 
 
 @dataclasses.dataclass
@@ -152,7 +195,10 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable"),
     "model.attention": ("xla", "cudnn", "splash", "auto"),
-    "data.source": ("stdlib", "files", "datasets"),
+    "model.rope_scaling": ("none", "linear", "llama3", "yarn"),
+    "model.norm": ("rms", "layer"),
+    "model.mlp": ("swiglu", "gelu_tanh"),
+    "data.source": ("stdlib", "files", "datasets", "prepared"),
     "data.pack": ("first_fit", "best_fit"),
     "optim.schedule": ("cosine", "linear", "wsd", "constant"),
     "train.nan_policy": ("stop", "skip"),
@@ -274,6 +320,9 @@ def _resolve_defaults(cfg: Config) -> None:
     m = cfg.model
     if m.head_dim == 0 and m.n_heads > 0 and m.d_model % m.n_heads == 0:
         m.head_dim = m.d_model // m.n_heads
+    # corpus preparation: prepared data is read with the tokenizer its shards were encoded with
+    if cfg.data.source == "prepared" and not cfg.data.tokenizer and cfg.data.paths:
+        cfg.data.tokenizer = cfg.data.paths[0].rstrip("/") + "/tokenizer"
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), num_devices: int | None = None) -> Config:
@@ -316,7 +365,7 @@ def validate(cfg: Config) -> None:
         "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
         "train.log_every": cfg.train.log_every, "train.eval_every": cfg.train.eval_every,
         "optim.grad_accum": cfg.optim.grad_accum, "checkpoint.every": cfg.checkpoint.every,
-        "checkpoint.keep": cfg.checkpoint.keep,
+        "checkpoint.keep": cfg.checkpoint.keep, "sample.batch_size": cfg.sample.batch_size,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -335,12 +384,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.sliding_window must be >= 0 (0: unlimited); got {m.sliding_window}")
     if m.rope_theta <= 0 or m.norm_eps <= 0:
         raise ConfigError("model.rope_theta and model.norm_eps must be positive")
+    _validate_rope_scaling(m)
+    if m.mlp_bias and m.mlp != "gelu_tanh":
+        raise ConfigError("model.mlp_bias needs model.mlp=gelu_tanh (the SwiGLU MLP has no biases)")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); "
             "lower data.seq_len or raise model.max_seq_len")
+    if cfg.train.time_budget_s < 0:
+        raise ConfigError(f"train.time_budget_s must be >= 0 (0: no budget); got {cfg.train.time_budget_s}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive; got {cfg.optim.lr}")
+    if not 0.0 <= cfg.data.fim_rate <= 1.0 or not 0.0 <= cfg.data.fim_spm_rate <= 1.0:
+        raise ConfigError("data.fim_rate and data.fim_spm_rate must be in [0, 1]")
     if not 0.0 <= cfg.data.pair_ratio <= 1.0 or not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("data.pair_ratio must be in [0, 1] and data.val_fraction in [0, 1)")
     for axis in ("data", "fsdp", "tensor"):
@@ -354,6 +410,33 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by mesh.data*mesh.fsdp "
             f"({batch_shards}) times optim.grad_accum ({cfg.optim.grad_accum})")
+    # corpus preparation (data prepare) and prepared data
+    d = cfg.data
+    if not 0.0 < d.near_dup_threshold <= 1.0:
+        raise ConfigError(f"data.near_dup_threshold must be in (0, 1]; got {d.near_dup_threshold}")
+    if d.decontam_ngram < 1:
+        raise ConfigError(f"data.decontam_ngram must be positive; got {d.decontam_ngram}")
+    if d.source == "prepared" and not d.paths:
+        raise ConfigError("data.source=prepared needs data.paths=[DIR], a directory written by "
+                          "`codegen-jax data prepare --out DIR`")
+
+
+def _validate_rope_scaling(m: ModelConfig) -> None:
+    """The RoPE scaling fields that `model.rope_scaling` reads, each in its valid range."""
+    kind = m.rope_scaling
+    if kind == "none":
+        return
+    if m.rope_factor < 1.0:
+        raise ConfigError(f"model.rope_factor must be >= 1 with model.rope_scaling={kind}; got {m.rope_factor}")
+    if kind in ("llama3", "yarn") and m.rope_original_max_seq_len <= 0:
+        raise ConfigError(f"model.rope_scaling={kind} needs model.rope_original_max_seq_len, the pretraining "
+                          "context length (> 0)")
+    if kind == "llama3" and not 0.0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+        raise ConfigError("model.rope_scaling=llama3 needs 0 < model.rope_low_freq_factor < "
+                          f"model.rope_high_freq_factor; got {m.rope_low_freq_factor}, {m.rope_high_freq_factor}")
+    if kind == "yarn" and (m.rope_beta_fast <= 0 or m.rope_beta_slow <= 0 or m.rope_attention_factor < 0):
+        raise ConfigError("model.rope_scaling=yarn needs positive model.rope_beta_fast and model.rope_beta_slow "
+                          "and model.rope_attention_factor >= 0 (0: computed from rope_factor)")
 
 
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:

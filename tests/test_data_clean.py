@@ -47,6 +47,15 @@ def test_each_drop_reason_is_counted():
     assert "low_alnum" in stats.report()
 
 
+def test_excluded_paths_are_a_counted_drop():
+    records = [_rec(GOOD, "os.py"), _rec(b"def t():\n    pass\n", "test/test_os.py"),
+               _rec(b"def u():\n    pass\n", "idlelib/idle_test/test_x.py"), _rec(GOOD + b"# 2\n", "tests.py")]
+    docs, stats = _run(records, exclude=["test/*", "*/test/*", "*/idle_test/*"])
+    assert [d.path for d in docs] == ["os.py", "tests.py"]
+    assert stats.dropped == {"excluded": 2} and stats.examples["excluded"] == ["test/test_os.py",
+                                                                              "idlelib/idle_test/test_x.py"]
+
+
 def test_normalization_keeps_tabs_and_fixes_line_ends():
     raw = "\ufeffdef f():\r\n\tif x:  \r\n\t\treturn 1\t\n\n\n"
     assert clean.normalize(raw) == "def f():\n\tif x:\n\t\treturn 1\n"

@@ -423,3 +423,24 @@ def test_bad_checkpoint_path_exits_2_with_one_line(tmp_path, capsys, kind):
     rc = cli.main(["generate", "--checkpoint", str(path), "--prompt", "def f():"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and ("not found" in err[0] or "holds no checkpoint" in err[0]), err
+
+
+def test_repetition_controls_are_off_by_default_and_forbid_repeats_when_on(setup):
+    """no_repeat_ngram: with it off (the default) greedy is the model's argmax; on, no n-gram of prompt
+    plus completion occurs twice. repetition_penalty scales the seen tokens' logits as HF does."""
+    from codegen_jax.sample.filters import repetition_penalty
+
+    _, model, tok, gen = setup
+    prompt = "x = x + x + x + x"
+    (plain,), = gen.generate([prompt], max_new_tokens=24, stop=[])
+    assert plain.tokens == _until_eos(naive_greedy(model, gen.prompt_ids(prompt, 24), 24), tok.eos_id)
+    (blocked,), = gen.generate([prompt], max_new_tokens=24, stop=[], no_repeat_ngram=2)
+    ids = gen.prompt_ids(prompt, 24)[1:] + blocked.tokens  # the prompt's own repeats are its own
+    generated_bigrams = [tuple(ids[i:i + 2]) for i in range(len(ids) - len(blocked.tokens) - 1, len(ids) - 1)]
+    earlier = {tuple(ids[i:i + 2]) for i in range(len(ids) - 1)}
+    assert len(generated_bigrams) == len(set(generated_bigrams)) and blocked.tokens != plain.tokens
+    assert all(sum(1 for i in range(len(ids) - 1) if tuple(ids[i:i + 2]) == bg) == 1 for bg in generated_bigrams)
+    assert earlier  # (non-empty)
+    logits = jnp.array([[2.0, -1.0, 0.5, 3.0]])
+    out = repetition_penalty(logits, jnp.array([[0, 1, 3, 3]]), jnp.array([2]), jnp.array([2.0]))
+    np.testing.assert_allclose(out, [[1.0, -2.0, 0.5, 3.0]])  # only tokens 0 and 1 (the first 2 slots)

@@ -1,6 +1,7 @@
 """Cleaning: decode, filter, normalize and exact-dedupe raw records into `Document`s, counting drops.
 
-Drop reasons (in the order they are tested): `empty`, `oversized` (> data.max_file_bytes), `binary`
+Drop reasons (in the order they are tested): `excluded` (the path matches a data.exclude pattern),
+`empty`, `oversized` (> data.max_file_bytes), `binary`
 (a NUL byte), `non_utf8`, `long_lines` (a line > data.max_line_length: minified or generated data),
 `low_alnum` (alphanumeric share < data.min_alnum_fraction), `generated` (a generated-file marker in
 the header), `duplicate` (same normalized content as an earlier document). Readers add their own
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import fnmatch
 import hashlib
 import re
 from collections.abc import Iterable, Iterator
@@ -22,8 +24,8 @@ from collections.abc import Iterable, Iterator
 from codegen_jax.config import DataConfig
 from codegen_jax.data.sources import RawRecord
 
-DROP_REASONS = ("unreadable", "missing_field", "empty", "oversized", "binary", "non_utf8", "long_lines",
-                "low_alnum", "generated", "duplicate")
+DROP_REASONS = ("unreadable", "missing_field", "excluded", "empty", "oversized", "binary", "non_utf8",
+                "long_lines", "low_alnum", "generated", "duplicate")
 # Generated-file markers, searched in comment/docstring lines among the first _HEADER_LINES lines.
 _GENERATED = re.compile(
     r"\bauto-?generated\b|\bautomatically generated\b|\bdo not edit\b|@generated\b"
@@ -46,6 +48,7 @@ class Document:
     language: str
     source: str
     prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None  # a chat row's (role, content) turns
 
 
 @dataclasses.dataclass
@@ -137,6 +140,15 @@ def _doc_reason(text: str, cfg: DataConfig) -> str | None:
 
 
 def _clean_one(rec: RawRecord, cfg: DataConfig) -> tuple[Document | None, str | None]:
+    if cfg.exclude and any(fnmatch.fnmatchcase(rec.path, pattern) for pattern in cfg.exclude):
+        return None, "excluded"
+    if rec.messages is not None:  # chat rows: only line ends normalized, as prompt/completion rows
+        turns = tuple((role, text.replace("\r\n", "\n")) for role, text in rec.messages)
+        if any("\x00" in text for _, text in turns):
+            return None, "binary"
+        if 0 < cfg.max_file_bytes < sum(len(text.encode("utf-8", "replace")) for _, text in turns):
+            return None, "oversized"
+        return Document("", rec.path, rec.language, rec.source, messages=turns), None
     if len(rec.content) == 0:
         return None, "empty"
     size = len(rec.content) if isinstance(rec.content, bytes) else len(rec.content.encode("utf-8", "replace"))
@@ -166,6 +178,8 @@ def clean_records(records: Iterable[RawRecord], cfg: DataConfig, stats: CleanSta
         doc, reason = _clean_one(rec, cfg)
         if doc is not None:
             key = doc.text if doc.prompt is None else f"{doc.prompt}\x00{doc.text}"
+            if doc.messages is not None:
+                key = "\x00".join(f"{role}\x01{text}" for role, text in doc.messages)
             digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
             if digest in seen_hashes:
                 doc, reason = None, "duplicate"

@@ -40,14 +40,18 @@ class Corpus:
         return self.docs[name]
 
     def plain(self, name: str) -> list[Document]:
-        """Documents trained on in full (everything but prompt/completion rows)."""
-        return [d for d in self.split(name) if d.prompt is None]
+        """Documents trained on in full (everything but prompt/completion and chat rows)."""
+        return [d for d in self.split(name) if d.prompt is None and d.messages is None]
+
+    def chats(self, name: str) -> list[Document]:
+        """Chat rows (their `messages`), trained on with the loss on assistant turns only."""
+        return [d for d in self.split(name) if d.messages is not None]
 
     def pairs(self, name: str) -> list[Pair]:
         """Prompt/completion rows plus pairs mined from the split's Python files (cached)."""
         with self._lock:
             if name not in self._pairs:
-                docs = self.split(name)
+                docs = [d for d in self.split(name) if d.messages is None]
                 given = [Pair(d.prompt, d.text, d.path) for d in docs if d.prompt is not None]
                 counts = collections.Counter()
                 self._pairs[name] = given + mine_corpus(docs, counts)
@@ -58,7 +62,7 @@ class Corpus:
         """Train-split texts (prompts included) until about `max_bytes`, for tokenizer training."""
         total = 0
         for d in self.docs["train"]:
-            for text in (d.prompt, d.text):
+            for text in (d.prompt, d.text, *(t for _, t in d.messages or ())):
                 if text:
                     total += len(text)
                     yield text
@@ -75,6 +79,8 @@ def split_key(doc: Document) -> str:
     """Files split by path; data-file rows by content (their row numbers are not stable)."""
     if doc.source != "datasets":
         return doc.path
+    if doc.messages is not None:
+        return "\x00".join(text for _, text in doc.messages)
     return f"{doc.prompt}\x00{doc.text}" if doc.prompt is not None else doc.text
 
 
@@ -84,7 +90,7 @@ def _read(cfg: DataConfig, skipped: dict[str, list[str]]) -> Iterator[sources.Ra
     if cfg.source == "files":
         return sources.read_files(cfg.paths, sources.resolve_extensions(cfg.extensions), skipped)
     if cfg.source == "datasets":
-        fields = sources.Fields(cfg.text_field, cfg.prompt_field, cfg.completion_field)
+        fields = sources.Fields(cfg.text_field, cfg.prompt_field, cfg.completion_field, cfg.messages_field)
         return sources.read_datasets(cfg.paths, fields, skipped)
     raise UserError(f"data.source must be stdlib, files or datasets; got {cfg.source!r}")
 
@@ -123,17 +129,19 @@ def _build(cfg: DataConfig) -> Corpus:
 
 def _cache_key(cfg: DataConfig) -> tuple:
     return (cfg.source, tuple(cfg.paths), tuple(cfg.extensions), cfg.text_field, cfg.prompt_field,
-            cfg.completion_field, cfg.val_fraction, cfg.max_file_bytes, cfg.max_line_length,
-            cfg.min_alnum_fraction, cfg.max_docs)
+            cfg.completion_field, cfg.messages_field, cfg.val_fraction, cfg.max_file_bytes, cfg.max_line_length,
+            cfg.min_alnum_fraction, cfg.max_docs, tuple(cfg.exclude))
 
 
 @functools.lru_cache(maxsize=4)
 def _cached(key: tuple) -> Corpus:
-    return _build(DataConfig(**dict(zip(_KEY_FIELDS, key))))
+    fields = dict(zip(_KEY_FIELDS, key))
+    return _build(DataConfig(**{**fields, "paths": list(fields["paths"]), "extensions": list(fields["extensions"]),
+                                "exclude": list(fields["exclude"])}))
 
 
-_KEY_FIELDS = ("source", "paths", "extensions", "text_field", "prompt_field", "completion_field",
-               "val_fraction", "max_file_bytes", "max_line_length", "min_alnum_fraction", "max_docs")
+_KEY_FIELDS = ("source", "paths", "extensions", "text_field", "prompt_field", "completion_field", "messages_field",
+               "val_fraction", "max_file_bytes", "max_line_length", "min_alnum_fraction", "max_docs", "exclude")
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:

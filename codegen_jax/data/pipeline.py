@@ -1,7 +1,7 @@
 """The grain input pipeline, corpus to process-local packed batches.
 
     documents + pairs (MapDataset, mixed by data.pair_ratio, shuffled per epoch by data.shuffle_seed)
-      -> repeat(num_epochs) -> tokenize (batched; worker threads, or processes with data.num_workers)
+      -> repeat(num_epochs) -> FIM (train split: data.fim_rate of documents) -> tokenize (batched; worker threads, or processes with data.num_workers)
       -> split into <= seq_len pieces -> first-fit / best-fit packing (grain.experimental)
       -> batch(global batch) -> this process's rows -> background-thread prefetch
 
@@ -55,7 +55,8 @@ def example_set(corpus: Corpus, tok: CodeTokenizer, split: str, seq_len: int, pa
     """The split's items; pairs whose prompt would not leave half a row to the code are skipped.
 
     Pairs are gathered when `pair_ratio > 0`, or when the split has nothing else (prompt/completion
-    data). Cached per (corpus, tokenizer, split, seq_len).
+    data). Chat rows count as pairs (instruction data; `examples.Chat`, always gathered). Cached per
+    (corpus, tokenizer, split, seq_len).
     """
     key = (id(corpus), id(tok), split, seq_len, pair_ratio > 0)
     with _EXAMPLE_LOCK:
@@ -64,6 +65,7 @@ def example_set(corpus: Corpus, tok: CodeTokenizer, split: str, seq_len: int, pa
             pairs, skipped = [], collections.Counter()
             if pair_ratio > 0 or not docs:
                 pairs, skipped = _fitting_pairs(corpus, tok, split, seq_len)
+            pairs += [examples.Chat(d.messages) for d in corpus.chats(split)]
             if len(_EXAMPLE_CACHE) >= 8:
                 _EXAMPLE_CACHE.clear()
             # The key holds ids: the entry keeps its objects alive so that an id is never reused.
@@ -130,9 +132,16 @@ def packing_bins(items: ExampleSet, pair_ratio: float, seq_len: int, global_batc
     epoch_bytes = sum(map(len, items.docs)) if n_docs else 0
     if n_pairs:
         sample = items.pairs[:1000]
-        epoch_bytes += n_pairs * sum(len(a) + len(b) for a, b in sample) / len(sample)
+        epoch_bytes += n_pairs * sum(map(_item_bytes, sample)) / len(sample)
     tokens = min(PACK_TOKENS, epoch_bytes / BYTES_PER_TOKEN / 4)
     return max(global_batch, int(tokens // seq_len))
+
+
+def _item_bytes(item) -> int:
+    """Characters of an instruction item: a pair's two texts or a chat's turns."""
+    if isinstance(item, examples.Chat):
+        return sum(len(text) for _, text in item.turns)
+    return sum(map(len, item))
 
 
 def mixed_items(items: ExampleSet, pair_ratio: float, seed: int) -> grain.MapDataset:
@@ -146,6 +155,20 @@ def mixed_items(items: ExampleSet, pair_ratio: float, seed: int) -> grain.MapDat
         return pairs
     # Pairs keep cycling through their own reshuffled epochs while the documents go round once.
     return grain.MapDataset.select_from_datasets([docs, pairs.repeat()], _EpochSelection(n_docs, n_pairs))
+
+
+class _Fim(grain.transforms.RandomMap):
+    """A document becomes a FIM document with probability `rate` (pairs are left alone); the random
+    draws come from grain's per-element generator (seeded by data.shuffle_seed and the element's
+    index), so a resumed run cuts every document where the uninterrupted one did."""
+
+    def __init__(self, rate: float, spm_rate: float):
+        self._rate, self._spm_rate = rate, spm_rate
+
+    def random_map(self, item, rng: np.random.Generator):
+        if isinstance(item, str) and rng.random() < self._rate:
+            return examples.fim_split(item, rng, self._spm_rate)
+        return item
 
 
 class _Encode(grain.transforms.Map):
@@ -219,10 +242,21 @@ def _absl_flags_ready() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def fim_active(cfg: Config, tokenizer: CodeTokenizer, split: str) -> bool:
+    """FIM rewrites training documents only (the held-out loss stays left-to-right), and only with a
+    tokenizer that has FIM tokens (an imported one may not: then documents stay as they are)."""
+    return split == "train" and cfg.data.fim_rate > 0 and tokenizer.fim is not None
+
+
 def make_dataset(cfg: Config, tokenizer: CodeTokenizer, *, split: str = "train", process_index: int = 0,
                  process_count: int = 1, batch_size: int | None = None,
                  num_epochs: int | None = None) -> grain.IterDataset:
     """The IterDataset behind `make_iterator` (same arguments)."""
+    if cfg.data.source == "prepared":  # ArrayRecord shards written by `codegen-jax data prepare`
+        from codegen_jax.data import prepared
+
+        return prepared.make_dataset(cfg, tokenizer, split=split, process_index=process_index,
+                                     process_count=process_count, batch_size=batch_size, num_epochs=num_epochs)
     global_batch = batch_size or cfg.train.batch_size
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
@@ -230,8 +264,10 @@ def make_dataset(cfg: Config, tokenizer: CodeTokenizer, *, split: str = "train",
         raise UserError(f"batch size {global_batch} is not divisible by the {process_count} JAX processes")
     seed = cfg.data.shuffle_seed % 2**32
     items = example_set(load_corpus(cfg.data), tokenizer, split, cfg.data.seq_len, cfg.data.pair_ratio)
-    ds = mixed_items(items, cfg.data.pair_ratio, seed)
-    ds = ds.repeat(num_epochs).batch(TOKENIZE_BATCH, batch_fn=list).map(_Encode(tokenizer))
+    ds = mixed_items(items, cfg.data.pair_ratio, seed).repeat(num_epochs)
+    if fim_active(cfg, tokenizer, split):
+        ds = ds.random_map(_Fim(cfg.data.fim_rate, cfg.data.fim_spm_rate), seed=(seed + 3) % 2**32)
+    ds = ds.batch(TOKENIZE_BATCH, batch_fn=list).map(_Encode(tokenizer))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if cfg.data.num_workers > 0:
         _absl_flags_ready()

@@ -43,6 +43,26 @@ class RawRecord:
     language: str
     source: str
     prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None  # a chat row: (role, content) turns; content ""
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def chat_turns(value, where: str) -> tuple[tuple[str, str], ...] | None:
+    """A `messages` value as (role, content) turns (OpenAI's format: a list of {"role", "content"}),
+    None when it is not a list of such objects; an unknown role is a one-line UserError."""
+    if not isinstance(value, list) or not value:
+        return None
+    turns = []
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+            return None
+        if m["role"] not in ROLES:
+            raise UserError(f"{where}: message role {m['role']!r} is not one of {', '.join(ROLES)}; "
+                            "fix the row or drop it")
+        turns.append((m["role"], m["content"]))
+    return tuple(turns)
 
 
 def language_of(path: str) -> str:
@@ -135,11 +155,12 @@ def _existing(paths: list[str], what: str) -> list[Path]:
 
 @dataclasses.dataclass(frozen=True)
 class Fields:
-    """Column names of a data file: `text`, or `prompt` + `completion`."""
+    """Column names of a data file: `text`, or `prompt` + `completion`, or `messages` (chat turns)."""
 
     text: str = "text"
     prompt: str = "prompt"
     completion: str = "completion"
+    messages: str = "messages"
 
 
 def read_datasets(paths: list[str], fields: Fields,
@@ -226,6 +247,21 @@ def _load_arrow(p: Path):
             return datasets.Dataset(pa.ipc.open_file(source).read_all())
 
 
+def _chat_rows(ds, label: str, fields: Fields, skipped: dict[str, list[str]] | None) -> Iterator[RawRecord]:
+    """RawRecords of a dataset of chat rows (`messages`: OpenAI-style role/content turns)."""
+    row = 0
+    for batch in ds.select_columns([fields.messages]).iter(batch_size=1024):
+        for value in batch[fields.messages]:
+            row += 1
+            where = f"{label}:{row}"
+            turns = chat_turns(value, where)
+            if turns is None or not any(role == "assistant" for role, _ in turns):
+                if skipped is not None:
+                    skipped.setdefault("missing_field", []).append(where)
+                continue
+            yield RawRecord("", where, "chat", "datasets", messages=turns)
+
+
 def _rows(ds, label: str, fields: Fields, skipped: dict[str, list[str]] | None) -> Iterator[RawRecord]:
     """RawRecords of one dataset; a row without the configured field is a counted skip."""
     cols = ds.column_names
@@ -233,10 +269,14 @@ def _rows(ds, label: str, fields: Fields, skipped: dict[str, list[str]] | None) 
         wanted = [fields.text]
     elif fields.prompt in cols and fields.completion in cols:
         wanted = [fields.prompt, fields.completion]
+    elif fields.messages in cols:
+        yield from _chat_rows(ds, label, fields, skipped)
+        return
     else:
         raise UserError(
-            f"{label} has no '{fields.text}' field, nor '{fields.prompt}' + '{fields.completion}' "
-            f"(its fields: {', '.join(cols)}); set data.text_field or data.prompt_field/data.completion_field")
+            f"{label} has no '{fields.text}' field, nor '{fields.prompt}' + '{fields.completion}', nor "
+            f"'{fields.messages}' (its fields: {', '.join(cols)}); set data.text_field, "
+            "data.prompt_field/data.completion_field or data.messages_field")
     lang_col = next((c for c in ("language", "lang") if c in cols), None)
     path_col = "path" if "path" in cols else None
     extra = [c for c in (lang_col, path_col) if c]

@@ -6,14 +6,19 @@ of the Rust tokenizer, with special-token strings inside text encoded as plain t
 `decode(encode(x)) == x` holds for every UTF-8 string.
 
 Our special tokens: `<|endoftext|>` (BOS and EOS, GPT-2 style), `<|pad|>`, `<|inst|>` (starts an
-instruction) and `<|code|>` (separates instruction from code).
+instruction), `<|code|>` (separates instruction from code), and the fill-in-the-middle tokens under
+StarCoder's names (`<fim_prefix>`, `<fim_middle>`, `<fim_suffix>`, `<fim_pad>`), so editor templates
+work unchanged. Imported tokenizers with StarCoder's or Qwen's (`<|fim_prefix|>`...) FIM tokens are
+recognised too (`CodeTokenizer.fim`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,9 +36,31 @@ EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 INST = "<|inst|>"
 CODE = "<|code|>"
-SPECIAL_TOKENS = (EOT, PAD, INST, CODE)
+FIM_TOKENS = ("<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>")  # StarCoder's names
+QWEN_FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>")
+SPECIAL_TOKENS = (EOT, PAD, INST, CODE, *FIM_TOKENS)
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the specials
 TRAIN_SAMPLE_BYTES = 8_000_000  # get_tokenizer trains on at most this much text
+
+
+@dataclasses.dataclass(frozen=True)
+class FimTokens:
+    """A tokenizer's fill-in-the-middle tokens: their ids and their text (the names in the vocabulary)."""
+
+    prefix: int
+    middle: int
+    suffix: int
+    pad: int | None
+    names: tuple[str, str, str, str]
+
+    def psm(self, prefix: list[int], suffix: list[int], middle: list[int]) -> list[int]:
+        """Prefix-suffix-middle order: <prefix> P <suffix> S <middle> M."""
+        return [self.prefix, *prefix, self.suffix, *suffix, self.middle, *middle]
+
+    def spm(self, prefix: list[int], suffix: list[int], middle: list[int]) -> list[int]:
+        """Suffix-prefix-middle order in BigCode's variant: <prefix> <suffix> S <middle> P M (prefix and
+        middle stay contiguous, so a model continues the prefix into the middle)."""
+        return [self.prefix, self.suffix, *suffix, self.middle, *prefix, *middle]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -70,7 +97,19 @@ class CodeTokenizer:
         self.bos_id, self.eos_id, self.pad_id = self._resolve_bos_eos_pad()
         self.inst_id = self._token_id(INST)
         self.sep_id = self._token_id(CODE)
+        # one of ours (trained by `train_tokenizer`): prompts are BOS + text; any other follows its own
+        # convention (see `prompt_ids`)
+        self.own = self.inst_id is not None and self.sep_id is not None and self._token_id(EOT) is not None
+        self.fim = self._find_fim()
+        self._fim_re = re.compile("|".join(map(re.escape, self.fim.names))) if self.fim else None
         self._decode_skip = self._special_ids | {self.bos_id, self.eos_id, self.pad_id}
+
+    def _find_fim(self) -> FimTokens | None:
+        for names in (FIM_TOKENS, QWEN_FIM_TOKENS):
+            ids = [self._token_id(n) for n in names]
+            if None not in ids[:3]:
+                return FimTokens(ids[0], ids[1], ids[2], ids[3], names)
+        return None
 
     def _token_id(self, token: str) -> int | None:
         tid = self._rust.token_to_id(token)
@@ -99,6 +138,30 @@ class CodeTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added."""
         return self._rust.encode(text, add_special_tokens=False).ids
+
+    def encode_with_fim(self, text: str) -> list[int]:
+        """`encode`, except that FIM token strings written in the text (`<fim_prefix>` ...) become their
+        single ids: how an editor's FIM prompt reaches the model."""
+        if self._fim_re is None:
+            return self.encode(text)
+        ids: list[int] = []
+        pos = 0
+        for m in self._fim_re.finditer(text):
+            ids += self.encode(text[pos:m.start()]) if m.start() > pos else []
+            ids.append(self._token_id(m.group(0)))
+            pos = m.end()
+        return ids + (self.encode(text[pos:]) if pos < len(text) else [])
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt as the model was trained to see it. Ours: BOS + the text (special strings in it as
+        plain text, FIM tokens as themselves). An imported tokenizer: exactly what
+        `AutoTokenizer.from_pretrained(dir)(text)` gives, its own special tokens and BOS or not (StarCoder's
+        and Qwen's add none, Llama's adds BOS). Never empty: an empty prompt is BOS alone."""
+        if self.own:
+            ids = [self.bos_id, *self.encode_with_fim(text)]
+        else:
+            ids = list(self.hf(text)["input_ids"])
+        return ids or [self.bos_id]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` for many texts at once (parallel in Rust)."""
@@ -161,7 +224,7 @@ def _wrap(rust_tokenizer) -> CodeTokenizer:
 
     hf = PreTrainedTokenizerFast(
         tokenizer_object=rust_tokenizer, bos_token=EOT, eos_token=EOT, pad_token=PAD,
-        extra_special_tokens=[INST, CODE], clean_up_tokenization_spaces=False,
+        extra_special_tokens=[INST, CODE, *FIM_TOKENS], clean_up_tokenization_spaces=False,
         model_max_length=1 << 30)
     return CodeTokenizer(hf)
 

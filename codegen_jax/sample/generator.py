@@ -119,21 +119,30 @@ class Generator:
                             f"length ({self.model_cfg.max_seq_len}) to leave room for the prompt")
         return opts
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The prompt's token ids as the model was trained to see them (`CodeTokenizer.prompt_ids`:
+        ours BOS + text with FIM tokens as themselves; an imported tokenizer's own convention), or,
+        with `add_bos=False` for one of ours, the text alone (an empty prompt is BOS alone)."""
+        ids = self.tokenizer.prompt_ids(prompt)
+        if not self.add_bos and self.tokenizer.own and len(ids) > 1:
+            ids = ids[1:]
+        return ids
+
     def prompt_ids(self, prompt: str, max_new_tokens: int, truncate: bool = False, index: int = 0
                    ) -> list[int]:
-        """BOS + the prompt's tokens (an empty prompt is BOS alone), checked against the context."""
-        tok = self.tokenizer
-        ids = tok.encode(prompt)
-        head = [tok.bos_id] if self.add_bos or not ids else []
+        """`encode_prompt`, checked against the context (or left-truncated to fit with `truncate`,
+        keeping a leading BOS)."""
+        ids = self.encode_prompt(prompt)
         room = self.model_cfg.max_seq_len - max_new_tokens
-        if len(head) + len(ids) > room:
+        if len(ids) > room:
             if not truncate:
                 raise UserError(
-                    f"prompt {index} has {len(head) + len(ids)} tokens but only {room} fit in the model's "
+                    f"prompt {index} has {len(ids)} tokens but only {room} fit in the model's "
                     f"context of {self.model_cfg.max_seq_len} with max_new_tokens={max_new_tokens}; "
                     "shorten it, lower max_new_tokens, or pass --truncate to keep its end")
-            ids = ids[len(ids) - (room - len(head)):]  # left truncation keeps the text nearest the cut
-        return head + ids
+            head = ids[:1] if ids[0] == self.tokenizer.bos_id else []
+            ids = head + ids[len(ids) - (room - len(head)):]  # left truncation keeps the text nearest the cut
+        return ids
 
     # -- rows through the scheduler ---------------------------------------------------------------
 
