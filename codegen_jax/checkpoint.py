@@ -100,14 +100,20 @@ def resolve(path: str | Path) -> tuple[Path, int | None]:
     raise UserError(f"{path} holds no checkpoint (expected WORKDIR/checkpoints/<step>/ with a meta item)")
 
 
-def _read_data_state(directory: Any) -> bytes:
+def _read_data_state(directory: Any, per_process: bool = False) -> bytes:
     """This process's iterator state, in the per-process files grain's CheckpointHandler writes.
 
     Every process iterates the same global stream and slices its rows at the end (data/pipeline.py),
-    so the states are equal and a checkpoint written by K processes restores in any other number."""
+    so the states are equal and a checkpoint written by K processes restores in any other number.
+    `per_process` (data.source=prepared: each process reads its own rows) needs this process's own."""
     own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     if own.exists():
         return own.read_text().encode()
+    if per_process:
+        written = sorted(p.name for p in directory.glob("process_*-of-*.json"))
+        count = written[0].rsplit("-of-", 1)[1].removesuffix(".json") if written else "?"
+        raise UserError(f"this checkpoint's data position was saved by {count} processes reading their own rows "
+                        f"of prepared data; resume it with {count} processes (this run has {jax.process_count()})")
     others = sorted(directory.glob("process_0-of-*.json"))
     if not others:
         raise FileNotFoundError(f"no data iterator state in {directory}")
@@ -142,7 +148,8 @@ def restore(mngr: ocp.CheckpointManager, *, abstract: dict[str, Any], data_itera
                 validate(meta)
             items = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
             out = mngr.restore(s, args=ocp.args.Composite(**items))
-            data_state = _read_data_state(mngr.directory / str(s) / "data") if data_iterator else None
+            per_process = meta["config"].get("data", {}).get("source") == "prepared"
+            data_state = _read_data_state(mngr.directory / str(s) / "data", per_process) if data_iterator else None
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - any unreadable step is skipped, never fatal

@@ -1,4 +1,5 @@
-"""`codegen-jax data inspect --config FILE [--workdir DIR] [key=value ...]`."""
+"""`codegen-jax data inspect --config FILE [--workdir DIR] [key=value ...]` and `codegen-jax data prepare`
+(commands/prepare.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     config_args(d)
     d.add_argument("--workdir")
     d.set_defaults(run=run_inspect)
+    from codegen_jax.commands import prepare
+
+    prepare.add_parser(dsub)
 
 
 def run_inspect(args: argparse.Namespace) -> None:
     from codegen_jax.data.inspect import inspect_data
 
-    print(inspect_data(load_config(args), workdir=args.workdir))
+    cfg = load_config(args)
+    if cfg.data.source == "prepared":  # the manifest's report: per-language documents and tokens, drops
+        from codegen_jax.data.prepare.report import inspect_prepared
+
+        print(inspect_prepared(cfg))
+        return
+    print(inspect_data(cfg, workdir=args.workdir))

@@ -379,6 +379,9 @@ def run_humaneval(
         problem_set = load_problems(problems, limit)
         check_ks(ks, {t: num_samples for t in problem_set})
         gen = generator if generator is not None else _load_generator(checkpoint)
+        from codegen_jax.data.prepare.report import decontamination_notes  # trained on prepared data?
+
+        notes += decontamination_notes(getattr(gen, "config", None), problems)
         out_dir = prepare_out(out)
         options = dict(num_samples=num_samples, top_p=top_p,
                        temperature=default_temperature(ks) if temperature is None else temperature)
