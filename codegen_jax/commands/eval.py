@@ -26,6 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--timeout", type=float, default=3.0)
     e.set_defaults(run=run_humaneval)
 
+    e = esub.add_parser("parse", help="share of greedy function completions that parse as Python")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--prompts", help="JSONL of {\"prompt\": ...} lines (default: the built-in signatures)")
+    e.add_argument("--max-new-tokens", type=int, default=160)
+    e.add_argument("--no-repeat-ngram", type=int, default=0, help="forbid repeating n-grams (0: off)")
+    e.add_argument("--out", help="write every completion and the rate to this JSON file")
+    e.set_defaults(run=run_parse)
+
 
 def run_humaneval(args: argparse.Namespace) -> None:
     from codegen_jax.eval import humaneval
@@ -38,3 +46,30 @@ def run_humaneval(args: argparse.Namespace) -> None:
     for note in summary["notes"]:
         print(note, file=sys.stderr)
     print(humaneval.format_table(summary))
+
+
+def run_parse(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from codegen_jax.eval.parse import load_prompts, run_parse_eval
+    from codegen_jax.sample import Generator, check_options
+
+    check_options(max_new_tokens=args.max_new_tokens, no_repeat_ngram=args.no_repeat_ngram)
+    prompts = load_prompts(args.prompts)
+    gen = Generator.from_checkpoint(args.checkpoint)
+    extra = {"no_repeat_ngram": args.no_repeat_ngram} if args.no_repeat_ngram else {}
+    report = run_parse_eval(gen, prompts, max_new_tokens=args.max_new_tokens, **extra)
+    print(format_parse(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def format_parse(report: dict, failures: int = 3) -> str:
+    """The rate, then the first few failures (what was generated, and the parser's complaint)."""
+    lines = [f"parse rate {report['parse_rate']:.0%} ({report['parsed']} of {report['total']} greedy function "
+             "completions parse as Python)"]
+    for f in report["failures"][:failures]:
+        first = f["prompt"].splitlines()[0]
+        lines.append(f"  failed: {first} ... -> {f['error']}")
+    return "\n".join(lines)

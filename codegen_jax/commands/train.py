@@ -28,7 +28,31 @@ def run(args: argparse.Namespace) -> None:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     console = Console(enabled=distributed.is_main(), unit="step")
     result = train(cfg, workdir=args.workdir, init_from=args.init_from, progress=console)
-    if distributed.is_main() and result.get("samples"):
-        for text in result["samples"]:
-            print("-" * 60 + "\n" + text)
+    if not distributed.is_main():
+        return
+    for text in result.get("samples", []):
+        print("-" * 60 + "\n" + text)
+    if result.get("samples"):
         print("-" * 60)
+    print(summary(result, cfg))
+
+
+def summary(result: dict, cfg) -> str:
+    """The run in three lines: length and time, held-out quality (and parse rate), where things are."""
+    from pathlib import Path
+
+    minutes, seconds = divmod(int(result["train_s"]), 60)
+    lines = [f"trained {result['steps']} steps ({result['tokens'] / 1e6:.1f}M tokens) in {minutes}m{seconds:02d}s"
+             + (" (stopped early: preempted)" if result["preempted"] else "")]
+    ev = result.get("eval") or {}
+    quality = f"held-out {ev['eval_bpb']:.3f} bits/byte (loss {ev['eval_loss']:.3f} nats/token)" if ev else ""
+    if "parse" in result:
+        from codegen_jax.commands.eval import format_parse
+
+        quality += ("; " if quality else "") + format_parse(result["parse"], failures=0)
+    if quality:
+        lines.append(quality)
+    workdir = Path(result["workdir"])
+    lines.append(f"checkpoint {result['checkpoint']}; loss plot {workdir / 'loss.png'}; "
+                 f"metrics {workdir / 'metrics.jsonl'}")
+    return "\n".join(lines)

@@ -23,7 +23,8 @@ from flax import nnx
 
 from codegen_jax import checkpoint as ckpt
 from codegen_jax import distributed, storage
-from codegen_jax.config import Config, check_batch, mesh_shape
+from codegen_jax.train import budget
+from codegen_jax.config import Config, ModelConfig, check_batch, mesh_shape
 from codegen_jax.data.pipeline import make_iterator
 from codegen_jax.data.tokenizer import CodeTokenizer, get_tokenizer
 from codegen_jax.errors import UserError
@@ -56,9 +57,12 @@ def _check_model_compatible(saved: dict, cfg: Config, source: str, layout_matter
     """Resuming or initialising from a checkpoint of another model shape fails with the differences.
     (Params alone convert between scanned and unscanned layers; optimizer state does not.)"""
     shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-                  "tie_embeddings", "attention_bias") + (("scan_layers",) if layout_matters else ())
-    diffs = [f"model.{k}: {saved['model'].get(k)} there, {getattr(cfg.model, k)} here"
-             for k in shape_keys if saved["model"].get(k) != getattr(cfg.model, k)]
+                  "tie_embeddings", "attention_bias", "attention_out_bias", "norm", "mlp", "mlp_bias")
+    shape_keys += ("scan_layers",) if layout_matters else ()
+    default = ModelConfig()  # a checkpoint written before a field existed had its default
+    there = {k: saved["model"].get(k, getattr(default, k)) for k in shape_keys}
+    diffs = [f"model.{k}: {there[k]} there, {getattr(cfg.model, k)} here"
+             for k in shape_keys if there[k] != getattr(cfg.model, k)]
     if diffs:
         raise UserError(f"{source} holds a different model ({'; '.join(diffs)}); use the same model "
                         "settings or another --workdir")
@@ -130,8 +134,9 @@ def _setup(cfg: Config, workdir: Any, init_from: str | None, progress: Progress)
     token_bytes = jax.device_put(tokenizer.token_byte_lengths().astype(np.float32), state_sh.step)
     sched = schedule(cfg.optim, cfg.train.steps)
     train_step = make_train_step(graphdef, optimizer, sched, mesh, state_sh, cfg.optim.grad_accum,
-                                 cfg.optim.z_loss, skip_nonfinite=cfg.train.nan_policy == "skip")
-    eval_step = make_eval_step(graphdef, mesh, state_sh.params, token_bytes)
+                                 cfg.optim.z_loss, skip_nonfinite=cfg.train.nan_policy == "skip",
+                                 loss_chunk=cfg.train.loss_chunk)
+    eval_step = make_eval_step(graphdef, mesh, state_sh.params, token_bytes, cfg.train.loss_chunk)
     return _Run(cfg, workdir, mesh, tokenizer, graphdef, state, train_step, eval_step, data, mngr, start)
 
 
@@ -183,25 +188,75 @@ def _log_record(step: int, m: dict, window_s: float, window_steps: int, cfg: Con
             "mfu": tokens_per_s * flops_per_token(cfg.model, cfg.data.seq_len) / peak}
 
 
-def sample_texts(run: _Run) -> list[str]:
-    """Greedy completions (prompt included) of `train.sample_prompts` with the trained weights."""
+def _generator(run: _Run) -> Any:
     from codegen_jax.sample import Generator
 
-    model = nnx.merge(run.graphdef, run.state.params)
-    gen = Generator(model, run.tokenizer, run.mesh)
+    return Generator(nnx.merge(run.graphdef, run.state.params), run.tokenizer, run.mesh)
+
+
+def sample_texts(run: _Run, gen: Any = None) -> list[str]:
+    """Greedy completions (prompt included) of `train.sample_prompts` with the trained weights, with the
+    sample section's decoding settings."""
+    gen = gen or _generator(run)
     s = run.cfg.sample
     prompts = run.cfg.train.sample_prompts
-    outs = gen.generate(prompts, max_new_tokens=s.max_new_tokens, temperature=0.0, stop=s.stop)
+    outs = gen.generate(prompts, max_new_tokens=s.max_new_tokens, temperature=0.0, stop=s.stop,
+                        repetition_penalty=s.repetition_penalty, no_repeat_ngram=s.no_repeat_ngram)
     return [prompt + out[0].text for prompt, out in zip(prompts, outs)]
+
+
+def _fix_length(run: _Run, step_times: list[float], started: float, progress: Progress) -> Config:
+    """After the timed first steps of a budgeted run: the steps the budget holds, recorded in the
+    workdir (process 0 decides, everyone follows), and the train step rebuilt for that schedule."""
+    from jax.experimental import multihost_utils
+
+    cfg, done = run.cfg, len(step_times)
+    t0 = time.perf_counter()
+    evaluate(run)  # compiles the eval step too, so the estimate covers both
+    eval_s = time.perf_counter() - t0
+    step_s = float(np.median(step_times[1:])) if len(step_times) > 1 else step_times[0]
+    steps = budget.fit(cfg, time.perf_counter() - started, step_s, eval_s, done)
+    steps = int(multihost_utils.broadcast_one_to_all(np.int32(steps)))
+    if distributed.is_main():
+        budget.record(run.workdir, steps, step_s=step_s, eval_s=eval_s, budget_s=cfg.train.time_budget_s)
+    progress.message(f"time budget {cfg.train.time_budget_s:.0f} s: {step_s:.3f} s per step here, so "
+                     f"{steps} steps (train.steps {cfg.train.steps}); recorded in {budget.BUDGET_FILE}")
+    if steps == cfg.train.steps:
+        return cfg
+    cfg = budget.with_steps(cfg, steps)
+    _rebuild_step(run, cfg)
+    if distributed.is_main():
+        (run.workdir / "config.yaml").write_text(cfg.to_yaml())
+    progress.start("train", cfg.train.steps, initial=done)
+    return cfg
+
+
+def _rebuild_step(run: _Run, cfg: Config) -> None:
+    """The train step for `cfg`'s schedule (the optimizer state's structure does not change)."""
+    state_sh = jax.tree.map(lambda x: x.sharding, run.state)
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    run.train_step = make_train_step(run.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps), run.mesh,
+                                     state_sh, cfg.optim.grad_accum, cfg.optim.z_loss,
+                                     skip_nonfinite=cfg.train.nan_policy == "skip", loss_chunk=cfg.train.loss_chunk)
+    run.cfg = cfg
 
 
 def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
           samples: bool = True, progress: Progress = SILENT) -> dict[str, Any]:
     """Train per `cfg` in `workdir` (resuming when it holds checkpoints); returns {step: loss} of the
     steps this call ran, the final eval metrics and (with `samples`) greedy completions of
-    `train.sample_prompts`. Progress, resumes and warnings go to `progress`."""
+    `train.sample_prompts` and, with `train.parse_eval`, the parse-rate report. With
+    `train.time_budget_s` the run's length is fixed after timing its first steps (train/budget.py).
+    Progress, resumes and warnings go to `progress`."""
+    started = time.perf_counter()
     path = _prepare_workdir(cfg, workdir)
+    fixed = budget.recorded(path) if cfg.train.time_budget_s > 0 else None
+    if fixed is not None:
+        cfg = budget.with_steps(cfg, fixed["steps"])
     run = _setup(cfg, path, init_from, progress)
+    # the length is fixed after the probe steps (or, resuming a run that crashed before it recorded
+    # one, after this start's first step)
+    probe = max(budget.probe_steps(cfg), run.start_step + 1) if cfg.train.time_budget_s > 0 and fixed is None else 0
     writer = MetricsWriter(path, distributed.is_main(), cfg.train.wandb, cfg.to_dict())
     writer.truncate_after(run.start_step)
     peak = peak_flops(cfg.train.peak_flops)
@@ -211,8 +266,13 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
     last_saved = run.start_step
     progress.start("train", cfg.train.steps, initial=run.start_step)
     window_start, window_steps = None, 0
+    step_times: list[float] = []
+    step = run.start_step
     try:
-        for step in range(run.start_step + 1, cfg.train.steps + 1):
+        while step < run.cfg.train.steps:
+            step += 1
+            cfg = run.cfg
+            t_step = time.perf_counter()
             batch = global_batch(next(run.data), run.mesh)
             run.state, m = run.train_step(run.state, batch)
             m = jax.device_get(m)  # one sync per step: a NaN is caught before it can be checkpointed
@@ -220,6 +280,9 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
                 raise UserError(f"loss is not finite at step {step}; the last good checkpoint (step "
                                 f"{last_saved}) is intact; lower optim.lr or set train.nan_policy=skip")
             losses[step] = float(m["loss"])
+            step_times.append(time.perf_counter() - t_step)
+            if step == probe:
+                cfg = _fix_length(run, step_times, started, progress)
             info = {}
             if window_start is None:  # the first step compiles: keep it out of the throughput window
                 window_start = time.perf_counter()
@@ -254,7 +317,17 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
         preempt.restore()
     if save_error is not None:
         raise save_error
-    result = {"losses": losses, "eval": last_eval, "workdir": str(path), "preempted": bool(preempt.signal)}
-    if samples and not preempt.signal and cfg.train.sample_prompts:
-        result["samples"] = sample_texts(run)
+    result = {"losses": losses, "eval": last_eval, "workdir": str(path), "preempted": bool(preempt.signal),
+              "steps": run.cfg.train.steps, "tokens": run.cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len,
+              "train_s": time.perf_counter() - started, "checkpoint": str(run.mngr.directory / str(last_saved))}
+    if not preempt.signal and (samples and cfg.train.sample_prompts or cfg.train.parse_eval):
+        gen = _generator(run)
+        if samples and cfg.train.sample_prompts:
+            result["samples"] = sample_texts(run, gen)
+        if cfg.train.parse_eval:
+            from codegen_jax.eval.parse import run_parse_eval
+
+            s = run.cfg.sample
+            result["parse"] = run_parse_eval(gen, repetition_penalty=s.repetition_penalty,
+                                             no_repeat_ngram=s.no_repeat_ngram)
     return result

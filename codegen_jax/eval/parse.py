@@ -1,0 +1,110 @@
+"""Does the model write code that parses? Greedy completions of function signatures, each cut where the
+function ends (the first non-blank line indented no deeper than its `def`), joined to the prompt and
+given to `ast.parse`; the share accepted is the parse rate (`codegen-jax eval parse`).
+
+The default prompts are written for this check (common utility functions, not taken from the standard
+library the tiny model trains on): a signature and a docstring each, with no trailing newline, so the
+model writes the line break and indentation itself, as in `generate`.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+from collections.abc import Sequence
+
+from codegen_jax.errors import UserError
+from codegen_jax.jsonl import read_jsonl
+
+_SIGNATURES = [
+    ("is_palindrome(s)", "Return True if s reads the same forwards and backwards."),
+    ("count_vowels(text)", "Return the number of vowels in text."),
+    ("flatten(items)", "Flatten a list of lists into a single list."),
+    ("chunked(seq, size)", "Split seq into consecutive chunks of at most size items."),
+    ("clamp(value, low, high)", "Limit value to the range [low, high]."),
+    ("merge_dicts(a, b)", "Return a new dict with the keys of a and b; b wins on conflicts."),
+    ("word_frequencies(text)", "Count how often each word occurs in text."),
+    ("gcd(a, b)", "Return the greatest common divisor of a and b."),
+    ("is_prime(n)", "Return True if n is a prime number."),
+    ("factorial(n)", "Return n factorial."),
+    ("reverse_words(sentence)", "Return the sentence with its words in reverse order."),
+    ("unique(items)", "Return the items without duplicates, keeping their first order."),
+    ("read_lines(path)", "Read a text file and return its lines without line endings."),
+    ("celsius_to_fahrenheit(c)", "Convert a temperature from Celsius to Fahrenheit."),
+    ("binary_search(items, target)", "Return the index of target in the sorted list items, or -1."),
+    ("transpose(matrix)", "Return the transpose of a matrix given as a list of rows."),
+    ("running_sum(numbers)", "Return the list of running totals of numbers."),
+    ("parse_key_values(text)", "Parse lines of key=value into a dict."),
+    ("mean(values)", "Return the arithmetic mean of a non-empty list of numbers."),
+    ("capitalize_words(text)", "Capitalize the first letter of every word in text."),
+    ("find_max(items)", "Return the largest item, or None for an empty list."),
+    ("is_anagram(a, b)", "Return True if a and b contain the same letters."),
+    ("to_snake_case(name)", "Convert a CamelCase name to snake_case."),
+    ("safe_divide(a, b, default=0)", "Divide a by b, returning default when b is zero."),
+    ("group_by_length(words)", "Map each word length to the list of words of that length."),
+    ("strip_comments(lines)", "Remove everything after a '#' in each line."),
+    ("nth_fibonacci(n)", "Return the n-th Fibonacci number."),
+    ("pairwise(items)", "Return the list of adjacent pairs of items."),
+    ("normalize_whitespace(text)", "Collapse runs of whitespace in text into single spaces."),
+    ("invert_dict(mapping)", "Swap the keys and values of a dictionary."),
+]
+DEFAULT_PROMPTS = [f'def {sig}:\n    """{doc}"""' for sig, doc in _SIGNATURES]
+_DEDENT = re.compile(r"\n(?=\S)")  # a line break followed by an unindented, non-blank line
+
+
+def function_end(prompt: str, completion: str) -> str:
+    """The completion cut where the prompt's function ends: at the first line that starts at the
+    `def`'s indentation or less (blank lines do not count)."""
+    indent = len(prompt) - len(prompt.lstrip(" "))
+    if indent == 0:
+        m = _DEDENT.search(completion)
+        return completion if m is None else completion[:m.start()]
+    lines, out = completion.split("\n"), []
+    for i, line in enumerate(lines):
+        if i and line.strip() and len(line) - len(line.lstrip(" ")) <= indent:
+            break
+        out.append(line)
+    return "\n".join(out)
+
+
+def parses(code: str) -> str | None:
+    """None when `code` parses as Python, else the error."""
+    try:
+        ast.parse(code)
+        return None
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def score(prompts: Sequence[str], completions: Sequence[str]) -> dict:
+    """Parse rate of prompt + completion (cut at the function's end), with every failure."""
+    results = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        body = function_end(prompt, completion)
+        error = parses(prompt + body)
+        results.append({"prompt": prompt, "completion": body, "parsed": error is None, "error": error})
+    n_ok = sum(r["parsed"] for r in results)
+    return {"parse_rate": n_ok / max(len(results), 1), "parsed": n_ok, "total": len(results),
+            "failures": [r for r in results if not r["parsed"]], "results": results}
+
+
+def load_prompts(path: str | os.PathLike | None) -> list[str]:
+    """`DEFAULT_PROMPTS`, or a JSONL file of {"prompt": ...} lines."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    rows = [obj for _, obj in read_jsonl(path, "prompts")]
+    if not rows or not all(isinstance(r.get("prompt"), str) for r in rows):
+        raise UserError(f"prompts file {path} needs a string 'prompt' on every line")
+    return [r["prompt"] for r in rows]
+
+
+def run_parse_eval(generator, prompts: Sequence[str] | None = None, max_new_tokens: int = 160,
+                   **sampling) -> dict:
+    """Greedy completions of `prompts` (default: `DEFAULT_PROMPTS`) from a `Generator`, scored. The
+    generation stops early at a line that starts a new top-level statement (`\\n` followed by a
+    letter, `@` or `#`), which is past the function's end anyway."""
+    prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+    stops = ["\ndef ", "\nclass ", "\nif __name__", "\n@", "\n#", "\nprint("]
+    outs = generator.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=stops, **sampling)
+    return {**score(prompts, [o[0].text for o in outs]), "max_new_tokens": max_new_tokens, **sampling}

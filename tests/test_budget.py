@@ -1,0 +1,47 @@
+"""train.time_budget_s: the first steps are timed, the run's length is fixed to what the budget holds
+and recorded, the schedule is the one that length implies, and a restart follows the record."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from codegen_jax.config import ConfigError
+from codegen_jax.train.loop import train
+from codegen_jax.train.optim import schedule
+
+from conftest import tiny_config
+
+BASE = ["data.max_docs=60", "model.vocab_size=512", "train.steps=30", "optim.warmup_steps=4", "train.time_budget_s=0.001",
+        "train.log_every=1", "train.eval_every=5", "train.eval_batches=1", "checkpoint.every=100",
+        "checkpoint.async_save=false", "train.sample_prompts=[]"]
+
+
+def test_a_tiny_budget_ends_at_a_checkpoint_with_its_schedule_and_a_restart_follows_it(tmp_path):
+    cfg = tiny_config(*BASE)
+    a = train(cfg, workdir=str(tmp_path / "a"), samples=False)
+    recorded = json.loads((tmp_path / "a" / "budget.json").read_text())
+    # 3 timed steps (inside the warmup of 4); the budget is gone, so the run is as short as it can be
+    # with its warmup: 5 steps
+    assert recorded["steps"] == 5 and a["steps"] == 5 and list(a["losses"]) == list(range(1, 6))
+    assert sorted(int(p.name) for p in (tmp_path / "a" / "checkpoints").iterdir()) == [5]
+    assert "steps: 5" in (tmp_path / "a" / "config.yaml").read_text()
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r}
+    implied = schedule(tiny_config(*BASE, "optim.schedule_steps=5").optim, 5)
+    assert lrs == pytest.approx({k: float(implied(k - 1)) for k in range(1, 6)}, rel=1e-6)
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "budget.json", tmp_path / "b" / "budget.json")
+    b = train(cfg, workdir=str(tmp_path / "b"), samples=False)  # a restart that had recorded the budget
+    assert b["losses"] == a["losses"]
+    again = train(cfg, workdir=str(tmp_path / "a"), samples=False)
+    assert again["losses"] == {} and again["steps"] == 5
+
+
+def test_a_budget_needs_a_warmup_it_can_time_inside(tmp_path):
+    with pytest.raises(Exception, match="warmup_steps >= 3"):
+        train(tiny_config(*BASE, "optim.warmup_steps=1"), workdir=str(tmp_path), samples=False)
+    with pytest.raises(ConfigError, match="time_budget_s must be >= 0"):
+        tiny_config("train.time_budget_s=-1")

@@ -1,0 +1,55 @@
+"""`eval parse`: completions cut where the function ends and given to ast.parse; the rate and failures."""
+
+from __future__ import annotations
+
+import json
+
+from codegen_jax import cli
+from codegen_jax.eval.parse import DEFAULT_PROMPTS, function_end, score
+
+PROMPT = 'def f(x):\n    """Double x."""'
+
+
+def test_function_end_cuts_at_the_first_line_back_at_the_def_indentation():
+    body = "\n    y = x * 2\n\n    def inner():\n        return y\n    return y\nprint(f(2))\nmore"
+    assert function_end(PROMPT, body) == "\n    y = x * 2\n\n    def inner():\n        return y\n    return y"
+    assert function_end(PROMPT, "\n    return x * 2") == "\n    return x * 2"  # ran to the end
+    method = '    def g(self):\n        """A method."""'
+    assert function_end(method, "\n        return 1\n    def h(self):\n        pass") == "\n        return 1"
+
+
+def test_score_counts_what_parses_and_keeps_the_failures():
+    report = score([PROMPT, PROMPT, PROMPT],
+                   ["\n    return x * 2\nclass Next:", "\n    return (x *\nnext = 1", "\n    retur x"])
+    assert (report["parsed"], report["total"]) == (1, 3) and abs(report["parse_rate"] - 1 / 3) < 1e-9
+    assert [f["completion"] for f in report["failures"]] == ["\n    return (x *", "\n    retur x"]
+    assert all("SyntaxError" in f["error"] for f in report["failures"])
+
+
+def test_default_prompts_are_signatures_with_docstrings_that_parse_when_completed():
+    assert len(DEFAULT_PROMPTS) >= 20
+    report = score(DEFAULT_PROMPTS, ["\n    pass"] * len(DEFAULT_PROMPTS))
+    assert report["parse_rate"] == 1.0
+    assert score(DEFAULT_PROMPTS, [""] * len(DEFAULT_PROMPTS))["parse_rate"] == 1.0  # a docstring body parses
+
+
+def test_cli_on_a_checkpoint(tmp_path, capsys, small_tokenizer):
+    from flax import nnx
+
+    from codegen_jax.checkpoint import write_params_checkpoint
+    from codegen_jax.model import create_model
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(f"model.vocab_size={small_tokenizer.vocab_size}", "model.max_seq_len=128")
+    write_params_checkpoint(tmp_path / "run", cfg, nnx.to_pure_dict(nnx.state(create_model(cfg.model))),
+                            small_tokenizer, step=1)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in DEFAULT_PROMPTS[:4]))
+    out = tmp_path / "parse.json"
+    assert cli.main(["eval", "parse", "--checkpoint", str(tmp_path / "run"), "--prompts", str(prompts),
+                     "--max-new-tokens", "24", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["total"] == 4 and f"({report['parsed']} of 4 greedy function completions" in printed
+    assert len(report["results"]) == 4 and all(r["prompt"] == p for r, p in zip(report["results"], DEFAULT_PROMPTS))
