@@ -1,4 +1,4 @@
-"""Hugging Face interop: Llama-family safetensors checkpoints <-> our checkpoints.
+"""Hugging Face interop: Llama-family and StarCoder2 safetensors checkpoints <-> our checkpoints.
 
 Two parts, top to bottom:
 - the config mapping: our `ModelConfig` <-> HF `config.json`, refusing every feature our model lacks;
@@ -6,13 +6,17 @@ Two parts, top to bottom:
 The tensor mapping (names, layouts) is the declarative table in `hf_params`; the file format lives
 in `hf_io`.
 
-Export writes `LlamaForCausalLM` (`Qwen2ForCausalLM` when the model has q/k/v biases, which Llama
-cannot express without an extra o_proj bias). Import reads Llama, Mistral and Qwen2. The model never
-knows about HF names (as in Tunix).
+Export writes the architecture that computes our model's function: `Starcoder2ForCausalLM` for
+LayerNorm + GELU models, else `LlamaForCausalLM` (q/k/v/o biases as Llama's `attention_bias`),
+`Qwen2ForCausalLM` (q/k/v biases only) or `MistralForCausalLM` (a sliding window, no biases). Import
+reads Llama, Mistral, Qwen2 and StarCoder2, with RoPE scaling (linear, llama3, yarn) in either the v4
+`rope_scaling` or the v5 `rope_parameters` spelling. The model never knows about HF names (as in Tunix).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,42 +29,109 @@ from codegen_jax import checkpoint as ckpt
 from codegen_jax import hf_io, hf_params
 from codegen_jax.config import ModelConfig
 from codegen_jax.errors import UserError
+from codegen_jax.model import rope_attention_scale
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HF's own default shard size
 EXPORT_DTYPES = ("float32", "bfloat16")
-# architecture -> (model_type, default max_position_embeddings when config.json omits it)
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """An HF architecture we read: its model_type, and what its config.json means by a missing key."""
+
+    model_type: str
+    max_positions: int  # max_position_embeddings
+    tie_embeddings: bool = False  # tie_word_embeddings
+    kv_heads: int | None = None  # num_key_value_heads (None: num_attention_heads)
+
+
 ARCHITECTURES = {
-    "LlamaForCausalLM": ("llama", 2048),
-    "MistralForCausalLM": ("mistral", 131072),
-    "Qwen2ForCausalLM": ("qwen2", 32768),
+    "LlamaForCausalLM": Architecture("llama", 2048),
+    "MistralForCausalLM": Architecture("mistral", 131072),
+    "Qwen2ForCausalLM": Architecture("qwen2", 32768),
+    "Starcoder2ForCausalLM": Architecture("starcoder2", 4096, tie_embeddings=True, kv_heads=2),
 }
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # HF rope_type -> model.rope_scaling ("none")
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_new")  # HF activations that are GELU's tanh approximation
 
 # ---------------------------------------------------------------------------------------------------
-# Config mapping
+# Config mapping: export
+
+
+def export_architecture(cfg: ModelConfig) -> str:
+    """The HF architecture that computes our model's function; a UserError naming the conflict when
+    none does."""
+    hf_params.table_for(cfg)  # refuses norm/MLP pairs no architecture has
+    window = _export_window(cfg)
+    if cfg.norm == "layer":
+        if not cfg.attention_bias == cfg.attention_out_bias == cfg.mlp_bias:
+            raise UserError("StarCoder2 has one use_bias for all projections: set model.attention_bias, "
+                            "model.attention_out_bias and model.mlp_bias alike to export this model")
+        return "Starcoder2ForCausalLM"
+    if cfg.attention_out_bias:
+        if not cfg.attention_bias or window:
+            raise UserError("model.attention_out_bias exports as Llama's attention_bias, which also needs "
+                            "model.attention_bias and has no sliding window; change one to export")
+        return "LlamaForCausalLM"
+    if cfg.attention_bias:
+        return "Qwen2ForCausalLM"
+    return "MistralForCausalLM" if window else "LlamaForCausalLM"
+
+
+def _export_window(cfg: ModelConfig) -> int:
+    """The sliding window HF must apply: none (0) when ours covers the whole context."""
+    return cfg.sliding_window if 0 < cfg.sliding_window < cfg.max_seq_len else 0
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    """HF's `rope_parameters` of our RoPE, without `rope_theta` (also written as v4 `rope_scaling`)."""
+    kind = cfg.rope_scaling
+    if kind == "none":
+        return {"rope_type": "default"}
+    out: dict[str, Any] = {"rope_type": kind, "factor": float(cfg.rope_factor)}
+    if kind in ("llama3", "yarn"):
+        out["original_max_position_embeddings"] = cfg.rope_original_max_seq_len
+    if kind == "llama3":
+        out.update(low_freq_factor=float(cfg.rope_low_freq_factor), high_freq_factor=float(cfg.rope_high_freq_factor))
+    if kind == "yarn":
+        out.update(beta_fast=float(cfg.rope_beta_fast), beta_slow=float(cfg.rope_beta_slow),
+                   attention_factor=rope_attention_scale(cfg))
+        if not cfg.rope_truncate:  # HF's default is true; older readers do not know the key
+            out["truncate"] = False
+    return out
 
 
 def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, pad_id: int | None, dtype: str
               ) -> dict[str, Any]:
     """`config.json` for our model: read the same by transformers 5 (`rope_parameters`, `dtype`) and by
-    4.x readers (top-level `rope_theta`, `torch_dtype`)."""
-    arch = "Qwen2ForCausalLM" if cfg.attention_bias else "LlamaForCausalLM"
+    4.x readers (top-level `rope_theta`, `rope_scaling`, `torch_dtype`)."""
+    arch = export_architecture(cfg)
+    window, rope = _export_window(cfg), _rope_parameters(cfg)
     out: dict[str, Any] = {
-        "architectures": [arch], "model_type": ARCHITECTURES[arch][0],
+        "architectures": [arch], "model_type": ARCHITECTURES[arch].model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope if cfg.rope_scaling != "none" else None,
+        "rope_parameters": {**rope, "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "initializer_range": 0.02,
         "use_cache": True, "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
         "dtype": dtype, "torch_dtype": dtype,
     }
+    if arch == "Starcoder2ForCausalLM":
+        out.update(hidden_act="gelu_pytorch_tanh", norm_epsilon=cfg.norm_eps, use_bias=cfg.attention_bias,
+                   sliding_window=window or None, residual_dropout=0.0, embedding_dropout=0.0)
+        return out
+    out.update(hidden_act="silu", rms_norm_eps=cfg.norm_eps)
     if arch == "LlamaForCausalLM":
-        out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
-    else:  # Qwen2 always has q/k/v biases; turn its sliding window off explicitly
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,
-                   layer_types=["full_attention"] * cfg.n_layers)
+        out.update(attention_bias=cfg.attention_out_bias, mlp_bias=False, pretraining_tp=1)
+    elif arch == "MistralForCausalLM":
+        out.update(sliding_window=window)
+    else:  # Qwen2 always has q/k/v biases; its sliding window is on for every layer or for none
+        out.update(use_sliding_window=bool(window), sliding_window=window or None,
+                   max_window_layers=0 if window else cfg.n_layers,
+                   layer_types=["sliding_attention" if window else "full_attention"] * cfg.n_layers)
     return out
 
 
@@ -74,6 +145,10 @@ def transformers_config(cfg: ModelConfig, **ids: int | None):
     return transformers.AutoConfig.for_model(**hf)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Config mapping: import
+
+
 def _architecture(hf: dict[str, Any]) -> str:
     archs = hf.get("architectures") or []
     if hf.get("auto_map"):
@@ -84,83 +159,132 @@ def _architecture(hf: dict[str, Any]) -> str:
         raise UserError(f"unsupported architecture {archs or hf.get('model_type')!r} in config.json; "
                         f"import-hf reads {', '.join(ARCHITECTURES)}")
     arch = supported[0]
-    if hf.get("model_type", ARCHITECTURES[arch][0]) != ARCHITECTURES[arch][0]:
+    if hf.get("model_type", ARCHITECTURES[arch].model_type) != ARCHITECTURES[arch].model_type:
         raise UserError(f"config.json model_type {hf['model_type']!r} does not match {arch}; "
                         "this needs custom code, which import-hf never runs")
     return arch
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """The unscaled RoPE base from v5 `rope_parameters` or v4 `rope_scaling` + `rope_theta`."""
-    rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope_fields(hf: dict[str, Any], max_pos: int) -> dict[str, Any]:
+    """Our `rope_*` fields from v5 `rope_parameters` or v4 `rope_scaling` + top-level `rope_theta`, read
+    as transformers reads them (`convert_rope_params_to_dict`, `standardize_rope_params`): rope_scaling
+    wins, a top-level original_max_position_embeddings wins, yarn's defaults resolved here."""
+    rp = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if any(isinstance(v, dict) for v in rp.values()):
         raise UserError("config.json sets RoPE per layer type; only one RoPE for all layers is supported")
-    rope_type = rp.get("rope_type", rp.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise UserError(f"config.json uses rope_type {rope_type!r} (RoPE scaling), which is not "
-                        "implemented; only the default unscaled RoPE is supported")
+    kind = rp.get("rope_type", rp.get("type")) or "default"
+    if kind not in ROPE_TYPES:
+        raise UserError(f"config.json uses rope_type {kind!r}, which is not supported; supported rope "
+                        f"types: {', '.join(ROPE_TYPES)}")
     partial = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise UserError(f"config.json sets partial_rotary_factor={partial}; only full rotary is supported")
-    return float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    out: dict[str, Any] = {"rope_theta": float(rp.get("rope_theta") or hf.get("rope_theta") or 10000.0)}
+    if kind == "default":
+        return out
+    need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"), "yarn": ()}
+    missing = [k for k in need[kind] if not isinstance(rp.get(k), (int, float))]
+    if missing:
+        raise UserError(f"config.json rope_type {kind!r} lacks numeric {', '.join(missing)}")
+    original = int(hf.get("original_max_position_embeddings") or rp.get("original_max_position_embeddings")
+                   or max_pos)
+    factor = float(rp.get("factor") or max_pos / original)  # yarn without a factor: HF's ratio
+    out.update(rope_scaling=kind, rope_factor=factor)
+    if kind == "llama3":
+        out.update(rope_original_max_seq_len=original, rope_low_freq_factor=float(rp["low_freq_factor"]),
+                   rope_high_freq_factor=float(rp["high_freq_factor"]))
+    elif kind == "yarn":
+        out.update(rope_original_max_seq_len=original, rope_beta_fast=float(rp.get("beta_fast") or 32),
+                   rope_beta_slow=float(rp.get("beta_slow") or 1), rope_truncate=bool(rp.get("truncate", True)),
+                   rope_attention_factor=_yarn_attention_factor(rp, factor))
+    return out
 
 
-def _check_sliding_window(hf: dict[str, Any], arch: str, max_pos: int) -> None:
-    """A window shorter than the context changes the attention pattern, which our model cannot do; a
-    window at least as long as the context (or none) is plain causal attention."""
+def _yarn_attention_factor(rp: dict[str, Any], factor: float) -> float:
+    """yarn's cos/sin scale as `_compute_yarn_parameters` infers it when `attention_factor` is unset."""
+    if rp.get("attention_factor") is not None:
+        return float(rp["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if rp.get("mscale") and rp.get("mscale_all_dim"):
+        return float(mscale(factor, rp["mscale"]) / mscale(factor, rp["mscale_all_dim"]))
+    return mscale(factor)
+
+
+def _sliding_window(hf: dict[str, Any], arch: str, n_layers: int, max_pos: int) -> int:
+    """Our `model.sliding_window` (0: none, or a window covering the whole context, which is plain
+    causal attention). One window for every layer: a Qwen2 that mixes sliding and full layers is refused."""
+    if arch == "LlamaForCausalLM":
+        return 0  # Llama has no sliding window (transformers ignores the key)
     window = hf.get("sliding_window")
-    layer_types = hf.get("layer_types")
     if arch == "Qwen2ForCausalLM":
         if not hf.get("use_sliding_window", False):
-            window = None
-        elif layer_types is None:  # Qwen2 slides from layer max_window_layers on
-            first = hf.get("max_window_layers", 28)
-            layer_types = ["sliding_attention" if i >= first else "full_attention"
-                           for i in range(hf["num_hidden_layers"])]
-    if layer_types is not None:
+            return 0  # Qwen2Config drops the window then
+        layer_types = hf.get("layer_types") or [  # Qwen2 slides from layer max_window_layers on
+            "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+            for i in range(n_layers)]
         unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
         if unknown:
             raise UserError(f"config.json has layer types {unknown}, which are not supported")
         if "sliding_attention" not in layer_types:
-            window = None
-    if window is not None and window < max_pos:
-        raise UserError(f"config.json uses sliding-window attention (window {window} < context {max_pos}), "
-                        "which is not implemented; only full causal attention is supported")
+            return 0
+        if "full_attention" in layer_types and window is not None and window < max_pos:
+            n = layer_types.count("sliding_attention")
+            raise UserError(f"config.json uses a sliding window ({window}) in {n} of {len(layer_types)} layers "
+                            "(Qwen2 max_window_layers); one window for all layers or none is supported")
+    if window is None:
+        return 0
+    if not isinstance(window, int) or window <= 0:
+        raise UserError(f"config.json sliding_window must be a positive integer or null; got {window!r}")
+    return window if window < max_pos else 0
 
 
-def _refuse_features(hf: dict[str, Any], arch: str) -> None:
-    if hf.get("quantization_config"):
-        raise UserError("config.json has a quantization_config: quantized checkpoints are not supported; "
-                        "import the unquantized weights")
-    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise UserError(f"config.json hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
+def _arch_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+    """Norm, MLP, biases and norm epsilon of the architecture; a UserError for what our model lacks."""
+    act = hf.get("hidden_act")
+    if arch == "Starcoder2ForCausalLM":
+        if (act or GELU_TANH[0]) not in GELU_TANH:
+            raise UserError(f"config.json hidden_act {act!r} is not supported for StarCoder2; supported: "
+                            f"{', '.join(GELU_TANH)} (GELU's tanh approximation)")
+        bias = bool(hf.get("use_bias", True))
+        return {"norm": "layer", "mlp": "gelu_tanh", "norm_eps": float(hf.get("norm_epsilon", 1e-5)),
+                "attention_bias": bias, "attention_out_bias": bias, "mlp_bias": bias}
+    if (act or "silu") not in ("silu", "swish"):
+        raise UserError(f"config.json hidden_act {act!r} is not supported (SwiGLU uses silu)")
     if hf.get("mlp_bias"):
-        raise UserError("config.json sets mlp_bias=true; our MLP has no biases")
+        raise UserError("config.json sets mlp_bias=true; our SwiGLU MLP has no biases")
+    llama_bias = arch == "LlamaForCausalLM" and bool(hf.get("attention_bias", False))  # q/k/v and o
+    return {"norm": "rms", "mlp": "swiglu", "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "attention_bias": arch == "Qwen2ForCausalLM" or llama_bias, "attention_out_bias": llama_bias}
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """Our `model` config section from an HF `config.json` dict; a UserError for anything we lack."""
     arch = _architecture(hf)
-    _refuse_features(hf, arch)
+    if hf.get("quantization_config"):
+        raise UserError("config.json has a quantization_config: quantized checkpoints are not supported; "
+                        "import the unquantized weights")
+    fields = _arch_fields(hf, arch)
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if not isinstance(hf.get(k), int)]
     if missing:
         raise UserError(f"config.json lacks integer {', '.join(missing)}")
-    d, h = hf["hidden_size"], hf["num_attention_heads"]
-    max_pos = int(hf.get("max_position_embeddings") or ARCHITECTURES[arch][1])
-    _check_sliding_window(hf, arch, max_pos)
+    d, h, n = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
+    defaults = ARCHITECTURES[arch]
+    max_pos = int(hf.get("max_position_embeddings") or defaults.max_positions)
     if hf.get("head_dim") is None and d % h:
         raise UserError(f"config.json hidden_size {d} is not divisible by num_attention_heads {h} "
                         "and no head_dim is given")
+    tie = hf.get("tie_word_embeddings")
     return {
-        "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": hf["num_hidden_layers"],
-        "n_heads": h, "n_kv_heads": int(hf.get("num_key_value_heads") or h),
+        "vocab_size": hf["vocab_size"], "d_model": d, "n_layers": n, "n_heads": h,
+        "n_kv_heads": int(hf.get("num_key_value_heads") or defaults.kv_heads or h),
         "head_dim": int(hf.get("head_dim") or d // h), "d_ff": hf["intermediate_size"],
-        "max_seq_len": max_pos, "rope_theta": _rope_theta(hf),
-        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        # Llama's attention_bias also adds an o_proj bias: accepted only when it is all zeros (import)
-        "attention_bias": arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        "max_seq_len": max_pos, **_rope_fields(hf, max_pos), **fields,
+        "tie_embeddings": bool(defaults.tie_embeddings if tie is None else tie),
+        "sliding_window": _sliding_window(hf, arch, n, max_pos),
     }
 
 
@@ -182,6 +306,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32", *
     hf_io.check_empty_out(out, "--out")
     cfg, params, meta, _ = ckpt.load_params(checkpoint, mesh)
     m = cfg.model
+    export_architecture(m)  # refuse a model no HF architecture computes before writing anything
     np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
     plan = list(hf_params.tensors(m))
     specs = [hf_io.TensorSpec(t.hf, t.layout.hf_shape(hf_params.our_shape(t, params)), np_dtype)
@@ -220,7 +345,7 @@ def _to_host(params: Any, t: hf_params.Tensor, dtype: np.dtype) -> np.ndarray:
 
 def import_hf(hf_dir: str | Path, out: str | Path, *, scan_layers: bool = True,
               mesh: jax.sharding.Mesh | None = None) -> Path:
-    """Read a local HF Llama/Mistral/Qwen2 safetensors directory into a new checkpoint in workdir `out`
+    """Read a local HF Llama/Mistral/Qwen2/StarCoder2 safetensors directory into a new checkpoint in workdir `out`
     (config, params created sharded on `mesh` if given, the tokenizer). Returns the step directory,
     which `generate`, `export-hf` and `train --init-from` accept. Written beside `out` and moved into
     place when complete, like an export: a failed import leaves nothing behind."""
@@ -284,11 +409,10 @@ def _check_tensors(reader: hf_io.SafetensorsReader, plan: list[hf_params.Tensor]
     if missing:
         raise UserError(f"{len(missing)} tensor(s) that config.json implies are missing from the "
                         f"safetensors files, e.g. {', '.join(missing[:3])}")
-    o_biases = {n for n in present if n.endswith(".self_attn.o_proj.bias")} if m.attention_bias else set()
     ignorable = {n for n in present if n.endswith(".rotary_emb.inv_freq")}  # old checkpoints' buffers
     if m.tie_embeddings:
         ignorable.add("lm_head.weight")  # some tied checkpoints store the shared matrix twice
-    unexpected = sorted(present - wanted - ignorable - o_biases)
+    unexpected = sorted(present - wanted - ignorable)
     if unexpected:
         raise UserError(f"{len(unexpected)} tensor(s) the config does not describe, e.g. "
                         f"{', '.join(unexpected[:3])}: the checkpoint has parts our model lacks")
@@ -302,7 +426,3 @@ def _check_tensors(reader: hf_io.SafetensorsReader, plan: list[hf_params.Tensor]
             reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
         raise UserError("config.json sets tie_word_embeddings but lm_head.weight differs from "
                         "embed_tokens; set tie_word_embeddings to false to import both")
-    for name in sorted(o_biases):
-        if np.any(reader.get(name)):
-            raise UserError(f"{name} is nonzero: Llama's attention_bias adds an o_proj bias, which our "
-                            "model cannot represent (only q/k/v biases, as in Qwen2)")

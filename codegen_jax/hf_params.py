@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from codegen_jax.config import ModelConfig
+from codegen_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,29 +73,68 @@ def _qkv_bias(c: ModelConfig) -> bool:
     return c.attention_bias
 
 
-# Llama, Mistral and Qwen2 (q/k/v biases when the config has them)
+def _o_bias(c: ModelConfig) -> bool:
+    return c.attention_out_bias
+
+
+def _mlp_bias(c: ModelConfig) -> bool:
+    return c.mlp_bias
+
+
+# attention: the same names in every architecture here (q/k/v biases and the o_proj bias when the
+# config has them)
+_ATTENTION = (
+    Row(("attn", "w_q_dhk"), "model.layers.{i}.self_attn.q_proj.weight", HEADS_OUT),
+    Row(("attn", "w_k_dgk"), "model.layers.{i}.self_attn.k_proj.weight", HEADS_OUT),
+    Row(("attn", "w_v_dgk"), "model.layers.{i}.self_attn.v_proj.weight", HEADS_OUT),
+    Row(("attn", "w_o_hkd"), "model.layers.{i}.self_attn.o_proj.weight", HEADS_IN),
+    Row(("attn", "b_q_hk"), "model.layers.{i}.self_attn.q_proj.bias", FLAT, _qkv_bias),
+    Row(("attn", "b_k_gk"), "model.layers.{i}.self_attn.k_proj.bias", FLAT, _qkv_bias),
+    Row(("attn", "b_v_gk"), "model.layers.{i}.self_attn.v_proj.bias", FLAT, _qkv_bias),
+    Row(("attn", "b_o_d"), "model.layers.{i}.self_attn.o_proj.bias", SAME, _o_bias),
+)
+_EMBED = Row(("embed_vd",), "model.embed_tokens.weight", SAME)
+_LM_HEAD = Row(("lm_head_dv",), "lm_head.weight", TRANSPOSE, _untied)
+
+# Llama, Mistral and Qwen2: RMSNorm, SwiGLU
 LLAMA = Table(
-    first=(Row(("embed_vd",), "model.embed_tokens.weight", SAME),),
-    layer=(Row(("attn", "w_q_dhk"), "model.layers.{i}.self_attn.q_proj.weight", HEADS_OUT),
-           Row(("attn", "w_k_dgk"), "model.layers.{i}.self_attn.k_proj.weight", HEADS_OUT),
-           Row(("attn", "w_v_dgk"), "model.layers.{i}.self_attn.v_proj.weight", HEADS_OUT),
-           Row(("attn", "w_o_hkd"), "model.layers.{i}.self_attn.o_proj.weight", HEADS_IN),
-           Row(("attn", "b_q_hk"), "model.layers.{i}.self_attn.q_proj.bias", FLAT, _qkv_bias),
-           Row(("attn", "b_k_gk"), "model.layers.{i}.self_attn.k_proj.bias", FLAT, _qkv_bias),
-           Row(("attn", "b_v_gk"), "model.layers.{i}.self_attn.v_proj.bias", FLAT, _qkv_bias),
+    first=(_EMBED,),
+    layer=(*_ATTENTION,
            Row(("mlp", "w_gate_df"), "model.layers.{i}.mlp.gate_proj.weight", TRANSPOSE),
            Row(("mlp", "w_up_df"), "model.layers.{i}.mlp.up_proj.weight", TRANSPOSE),
            Row(("mlp", "w_down_fd"), "model.layers.{i}.mlp.down_proj.weight", TRANSPOSE),
            Row(("attn_norm", "weight"), "model.layers.{i}.input_layernorm.weight", SAME),
            Row(("mlp_norm", "weight"), "model.layers.{i}.post_attention_layernorm.weight", SAME)),
-    last=(Row(("final_norm", "weight"), "model.norm.weight", SAME),
-          Row(("lm_head_dv",), "lm_head.weight", TRANSPOSE, _untied)),
+    last=(Row(("final_norm", "weight"), "model.norm.weight", SAME), _LM_HEAD),
 )
+
+# StarCoder2 (`Starcoder2ForCausalLM`): LayerNorm with bias, GELU MLP c_fc -> c_proj
+STARCODER2 = Table(
+    first=(_EMBED,),
+    layer=(*_ATTENTION,
+           Row(("mlp", "w_fc_df"), "model.layers.{i}.mlp.c_fc.weight", TRANSPOSE),
+           Row(("mlp", "b_fc_f"), "model.layers.{i}.mlp.c_fc.bias", SAME, _mlp_bias),
+           Row(("mlp", "w_proj_fd"), "model.layers.{i}.mlp.c_proj.weight", TRANSPOSE),
+           Row(("mlp", "b_proj_d"), "model.layers.{i}.mlp.c_proj.bias", SAME, _mlp_bias),
+           Row(("attn_norm", "weight"), "model.layers.{i}.input_layernorm.weight", SAME),
+           Row(("attn_norm", "b_d"), "model.layers.{i}.input_layernorm.bias", SAME),
+           Row(("mlp_norm", "weight"), "model.layers.{i}.post_attention_layernorm.weight", SAME),
+           Row(("mlp_norm", "b_d"), "model.layers.{i}.post_attention_layernorm.bias", SAME)),
+    last=(Row(("final_norm", "weight"), "model.norm.weight", SAME),
+          Row(("final_norm", "b_d"), "model.norm.bias", SAME), _LM_HEAD),
+)
+
+# (model.norm, model.mlp) -> table; other pairs have no HF architecture here
+TABLES = {("rms", "swiglu"): LLAMA, ("layer", "gelu_tanh"): STARCODER2}
 
 
 def table_for(cfg: ModelConfig) -> Table:
-    """The table of the model's architecture."""
-    return LLAMA
+    """The table of the model's architecture (a UserError for a norm/MLP pair no table describes)."""
+    table = TABLES.get((cfg.norm, cfg.mlp))
+    if table is None:
+        raise UserError(f"model.norm={cfg.norm} with model.mlp={cfg.mlp} has no Hugging Face architecture; "
+                        "use rms with swiglu (Llama) or layer with gelu_tanh (StarCoder2)")
+    return table
 
 
 @dataclasses.dataclass(frozen=True)

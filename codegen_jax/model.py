@@ -1,7 +1,10 @@
-"""The Llama-family decoder in Flax NNX: the same function as HF transformers' `LlamaForCausalLM`.
+"""The Llama-family decoder in Flax NNX: the same function as HF transformers' `LlamaForCausalLM`
+(and, through `model.norm` / `model.mlp` and the bias flags, `Starcoder2ForCausalLM`).
 
-Read top to bottom: RMSNorm -> RoPE -> attention -> SwiGLU MLP -> Block -> Decoder. Each layer has
-two entry points sharing its projection, RoPE and masking code:
+Read top to bottom: RMSNorm / LayerNorm -> RoPE (with its scalings) -> attention -> SwiGLU / GELU
+MLP -> Block -> Decoder. The norm and MLP kinds pick modules when the model is built, so the Llama
+path has no per-call branches. Each layer has two entry points sharing its projection, RoPE and
+masking code:
 - `__call__` runs whole rows: training on packed rows (segment ids, positions), and prefill, which
   also returns every layer's keys and values for the KV cache;
 - `decode` runs one new token per row against a `KVCache`.
@@ -19,6 +22,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from codegen_jax import attention
@@ -89,6 +93,26 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(x_btd.dtype) * x32.astype(x_btd.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """y = weight * (x - mean) / std(x) + bias, as torch's `nn.LayerNorm` (StarCoder2): statistics
+    and the affine in fp32, one cast back. The bias is `b_d` so weight decay spares it (`b_` prefix)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: Any, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (dim,), ("norm",), param_dtype, std=None)
+        self.b_d = _param(rngs, (dim,), ("norm",), param_dtype, std=0.0)
+        self.eps = eps
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        x32 = x_btd.astype(jnp.float32)
+        x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        y = x32 * self.weight[...].astype(jnp.float32) + self.b_d[...].astype(jnp.float32)
+        return y.astype(x_btd.dtype)
+
+
+NORMS = {"rms": RMSNorm, "layer": LayerNorm}  # model.norm -> module
+
+
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     """x [..., i...] @ w [i..., o...] (the last `n_in` axes of x contracted with the first of w) as one
     2-D matmul. Why: XLA:CPU runs dots with several free axes per side slowly, the weight gradient of
@@ -99,16 +123,75 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     return y.reshape(*lead, *w.shape[n_in:])
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE's inverse frequencies [head_dim / 2] (fp32) under `model.rope_scaling`: computed once per
+    config (cached) with transformers' formulas, and shared by training, prefill and decode."""
+    return _inv_freq(cfg.head_dim, float(cfg.rope_theta), cfg.rope_scaling, float(cfg.rope_factor),
+                     cfg.rope_original_max_seq_len, float(cfg.rope_low_freq_factor),
+                     float(cfg.rope_high_freq_factor), float(cfg.rope_beta_fast), float(cfg.rope_beta_slow),
+                     bool(cfg.rope_truncate))
+
+
+def rope_attention_scale(cfg: ModelConfig) -> float:
+    """The factor yarn multiplies cos and sin by (so q.k by its square), 1.0 for the other kinds: HF's
+    `attention_factor`, by default `0.1 * ln(factor) + 1` (`_compute_yarn_parameters.get_mscale`)."""
+    if cfg.rope_scaling != "yarn":
+        return 1.0
+    if cfg.rope_attention_factor > 0:
+        return float(cfg.rope_attention_factor)
+    return 1.0 if cfg.rope_factor <= 1 else 0.1 * math.log(cfg.rope_factor) + 1.0
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq(k: int, theta: float, kind: str, factor: float, original: int, low_freq: float,
+              high_freq: float, beta_fast: float, beta_slow: float, truncate: bool) -> np.ndarray:
+    """transformers.modeling_rope_utils' `_compute_{linear_scaling,llama3,yarn}_parameters` (and the
+    default `compute_default_rope_parameters`), in numpy fp32 as torch computes them."""
+    base_k2 = theta ** (np.arange(0, k, 2, dtype=np.float32) / k)  # fp32: python floats are weak
+    inv_freq = 1.0 / base_k2
+    if kind == "linear":
+        inv_freq = inv_freq / factor
+    elif kind == "llama3":
+        low_wavelen, high_wavelen = original / low_freq, original / high_freq
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low_freq) / (high_freq - low_freq)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times in context
+            return k * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_of(beta_fast), dim_of(beta_slow)
+        if truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, k - 1)
+        if low == high:
+            high += 0.001  # HF's guard against a zero-width ramp
+        ramp = np.clip((np.arange(k // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        extrapolated = 1 - ramp
+        inv_freq = 1.0 / (factor * base_k2) * (1 - extrapolated) + inv_freq * extrapolated
+    elif kind != "none":
+        raise ValueError(f"unknown model.rope_scaling {kind!r}")  # config.validate refuses it first
+    inv_freq = np.asarray(inv_freq, np.float32)
+    inv_freq.flags.writeable = False  # shared by every caller through the cache
+    return inv_freq
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq_k2: np.ndarray, scale: float = 1.0) -> jax.Array:
     """Rotary embedding of x [..., k] at `positions` shaped like x[..., 0] up to broadcasting ([b, 1, t]
-    for head-major [b, h, t, k], [b, 1] for [b, h, k]), in HF's rotate-half layout (first half / second
+    for head-major [b, h, t, k], [b, 1] for [b, h, k]), with inverse frequencies `inv_freq_k2` [k / 2]
+    (`rope_inv_freq`) and cos/sin times `scale` (yarn), in HF's rotate-half layout (first half / second
     half, not interleaved). HF's x * cos + rotate_half(x) * sin written on the halves,
     [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]: half-width cos/sin and no negated copy, ~40% less
     work forward and backward on CPU."""
     k = x.shape[-1]
-    inv_freq_k2 = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq_k2
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if scale != 1.0:  # as HF: scaled in fp32, before the cast
+        cos, sin = cos * scale, sin * scale
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     x1, x2 = x[..., : k // 2], x[..., k // 2:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -126,6 +209,8 @@ class Attention(nnx.Module):
             self.b_q_hk = _param(rngs, (h, k), ("heads", "head_dim"), pd, std=0.0)
             self.b_k_gk = _param(rngs, (g, k), ("kv_heads", "head_dim"), pd, std=0.0)
             self.b_v_gk = _param(rngs, (g, k), ("kv_heads", "head_dim"), pd, std=0.0)
+        if cfg.attention_out_bias:
+            self.b_o_d = _param(rngs, (d,), ("embed",), pd, std=0.0)
         self.cfg = cfg
 
     def _project(self, x_btd: jax.Array, w: nnx.Param, bias: str) -> jax.Array:
@@ -137,14 +222,18 @@ class Attention(nnx.Module):
 
     def qkv(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries [b, h, t, k] and keys, values [b, g, t, k] of x at `positions_bt`, RoPE applied."""
-        pos_b1t, theta = positions_bt[:, None, :], self.cfg.rope_theta
-        q_bhtk = rope(self._project(x_btd, self.w_q_dhk, "b_q_hk"), pos_b1t, theta)
-        k_bgtk = rope(self._project(x_btd, self.w_k_dgk, "b_k_gk"), pos_b1t, theta)
+        pos_b1t = positions_bt[:, None, :]
+        inv_freq_k2, scale = rope_inv_freq(self.cfg), rope_attention_scale(self.cfg)
+        q_bhtk = rope(self._project(x_btd, self.w_q_dhk, "b_q_hk"), pos_b1t, inv_freq_k2, scale)
+        k_bgtk = rope(self._project(x_btd, self.w_k_dgk, "b_k_gk"), pos_b1t, inv_freq_k2, scale)
         v_bgtk = self._project(x_btd, self.w_v_dgk, "b_v_gk")
         return constrain(q_bhtk, "batch", "heads", "length", None), k_bgtk, v_bgtk
 
     def _out(self, o_bhtk: jax.Array) -> jax.Array:
-        return dense(jnp.swapaxes(o_bhtk, 1, 2), self.w_o_hkd[...].astype(o_bhtk.dtype), n_in=2)
+        y_btd = dense(jnp.swapaxes(o_bhtk, 1, 2), self.w_o_hkd[...].astype(o_bhtk.dtype), n_in=2)
+        if self.cfg.attention_out_bias:
+            y_btd = y_btd + self.b_o_d[...].astype(y_btd.dtype)
+        return y_btd
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -188,14 +277,43 @@ class MLP(nnx.Module):
         return dense(h_btf, self.w_down_fd[...].astype(dt))
 
 
+class GeluMLP(nnx.Module):
+    """StarCoder2's MLP: proj(gelu(fc(x))), GELU's tanh approximation (HF `gelu_pytorch_tanh`), with
+    biases when `model.mlp_bias`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
+        self.w_fc_df = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.w_proj_fd = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        self.bias = cfg.mlp_bias
+        if cfg.mlp_bias:
+            self.b_fc_f = _param(rngs, (f,), ("mlp",), pd, std=0.0)
+            self.b_proj_d = _param(rngs, (d,), ("embed",), pd, std=0.0)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        dt = x_btd.dtype
+        h_btf = dense(x_btd, self.w_fc_df[...].astype(dt))
+        if self.bias:
+            h_btf = h_btf + self.b_fc_f[...].astype(dt)
+        h_btf = jax.nn.gelu(h_btf, approximate=True)
+        if h_btf.ndim == 3:
+            h_btf = constrain(h_btf, "batch", "length", "mlp")
+        y_btd = dense(h_btf, self.w_proj_fd[...].astype(dt))
+        return y_btd + self.b_proj_d[...].astype(dt) if self.bias else y_btd
+
+
+MLPS = {"swiglu": MLP, "gelu_tanh": GeluMLP}  # model.mlp -> module
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+        norm = NORMS[cfg.norm]
+        self.attn_norm = norm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp_norm = norm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+        self.mlp = MLPS[cfg.mlp](cfg, rngs)
 
     def __call__(self, x_btd, positions_bt, segment_ids_bt):
         """(x [b, t, d], (keys, values) of this layer)."""
@@ -217,7 +335,7 @@ def _run_block(graphdef, state, x_btd, positions_bt, segment_ids_bt):
 
 
 class Decoder(nnx.Module):
-    """Token embedding -> n_layers Blocks (scanned or a list) -> final RMSNorm -> LM head (or tied)."""
+    """Token embedding -> n_layers Blocks (scanned or a list) -> final norm -> LM head (or tied)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -232,7 +350,7 @@ class Decoder(nnx.Module):
             self.blocks = make_blocks(rngs)
         else:
             self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(d, cfg.norm_eps, pd, rngs)
+        self.final_norm = NORMS[cfg.norm](d, cfg.norm_eps, pd, rngs)
         if not cfg.tie_embeddings:
             self.lm_head_dv = _param(rngs, (d, v), ("embed", "vocab"), pd)
 
@@ -257,16 +375,24 @@ class Decoder(nnx.Module):
         the filled cache is returned (else None)."""
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones_like(tokens_bt)
-        if positions_bt is None:
-            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-        x_btd = constrain(self.embed(tokens_bt), "batch", "length", "act_embed")
-        x_btd, kv = self._run_layers(x_btd, positions_bt, segment_ids_bt, keep_kv=cache is not None)
+        x_btd, kv = self.hidden(tokens_bt, positions_bt, segment_ids_bt, keep_kv=cache is not None)
         if logits_at_b is not None:  # prefill needs one position per row; all [b, t, v] logits can be GBs
             x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
         logits = self.logits(x_btd)
         if logits_at_b is not None:
             return constrain(logits[:, 0], "batch", "vocab"), self._fill(cache, kv, segment_ids_bt)
         return constrain(logits, "batch", "length", "vocab"), self._fill(cache, kv, segment_ids_bt)
+
+    def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
+               segment_ids_bt: jax.Array | None = None, keep_kv: bool = False) -> tuple[jax.Array, list | None]:
+        """The last block's output [b, t, d] (before the final norm; `logits` takes it from there), and
+        with `keep_kv` every layer's keys and values."""
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones_like(tokens_bt)
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        x_btd = constrain(self.embed(tokens_bt), "batch", "length", "act_embed")
+        return self._run_layers(x_btd, positions_bt, segment_ids_bt, keep_kv=keep_kv)
 
     def decode(self, tokens_b: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Logits [b, v] (fp32) of one new token per row, at position `cache.lengths_b`, and the cache
@@ -365,9 +491,16 @@ def param_count(cfg: ModelConfig) -> int:
     """Analytic parameter count (the tests check it against the real model)."""
     d, h, g, k, f, v, n = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
                            cfg.vocab_size, cfg.n_layers)
-    attn = d * h * k * 2 + d * g * k * 2 + ((h + 2 * g) * k if cfg.attention_bias else 0)
-    per_layer = attn + 3 * d * f + 2 * d
-    return v * d + n * per_layer + d + (0 if cfg.tie_embeddings else d * v)
+    attn = (d * h * k * 2 + d * g * k * 2 + ((h + 2 * g) * k if cfg.attention_bias else 0)
+            + (d if cfg.attention_out_bias else 0))
+    mlp = _mlp_matrices(cfg) * d * f + (f + d if cfg.mlp_bias else 0)
+    norm = d if cfg.norm == "rms" else 2 * d  # LayerNorm: weight and bias
+    per_layer = attn + mlp + 2 * norm
+    return v * d + n * per_layer + norm + (0 if cfg.tie_embeddings else d * v)
+
+
+def _mlp_matrices(cfg: ModelConfig) -> int:
+    return 3 if cfg.mlp == "swiglu" else 2  # gate, up, down | fc, proj
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
@@ -375,7 +508,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     [t, s] matmuls counted over the causal half, as MaxText does; training is 3x forward."""
     d, h, g, k, f, v, n = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
                            cfg.vocab_size, cfg.n_layers)
-    matmul_params = n * (d * h * k * 2 + d * g * k * 2 + 3 * d * f) + d * v
+    matmul_params = n * (d * h * k * 2 + d * g * k * 2 + _mlp_matrices(cfg) * d * f) + d * v
     attention_flops = n * 2 * 2 * h * k * seq_len / 2
     forward = 2 * matmul_params + attention_flops
     return 3 * forward if training else forward

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from codegen_jax.config import load_config
+from codegen_jax.config import ConfigError, load_config
 from codegen_jax.model import create_model, flops_per_token, init_cache, param_count
 
 from conftest import tiny_config
@@ -152,8 +152,14 @@ def test_bf16_compute_keeps_fp32_params():
     assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.1
 
 
+STARCODER2 = ["model.norm=layer", "model.mlp=gelu_tanh", "model.attention_bias=true",
+              "model.attention_out_bias=true", "model.mlp_bias=true"]
+
+
 @pytest.mark.parametrize("name,overrides", [("tiny", []), ("small", []), ("tiny", ["model.tie_embeddings=true"]),
-                                            ("tiny", ["model.attention_bias=true"])])
+                                            ("tiny", ["model.attention_bias=true"]), ("tiny", STARCODER2),
+                                            ("small", ["model.norm=layer", "model.mlp=gelu_tanh"]),
+                                            ("tiny", ["model.attention_bias=true", "model.attention_out_bias=true"])])
 def test_param_count_matches_model(name, overrides):
     cfg = load_config(f"configs/{name}.yaml", overrides).model
     from codegen_jax.model import abstract_model
@@ -169,6 +175,60 @@ def test_flops_per_token():
     assert flops_per_token(cfg, 1024) == pytest.approx(3 * (2 * (n - (2 * cfg.n_layers + 1) * cfg.d_model)
                                                              + attn))
     assert flops_per_token(cfg, 1024, training=False) == pytest.approx(flops_per_token(cfg, 1024) / 3)
+    gelu = load_config("configs/small.yaml", ["model.mlp=gelu_tanh"]).model  # c_fc, c_proj: 2 matrices, not 3
+    assert flops_per_token(cfg, 1024) - flops_per_token(gelu, 1024) == pytest.approx(
+        3 * 2 * cfg.n_layers * cfg.d_model * cfg.d_ff)
+
+
+def _random_state(cfg, seed: int):
+    """(graphdef, state) of a Decoder with every parameter random, biases and norm shifts included
+    (they start at zero), drawn on the host: no init program to compile."""
+    from codegen_jax.model import abstract_model
+
+    graphdef, state = abstract_model(cfg)
+    leaves, treedef = jax.tree.flatten(state.to_pure_dict())
+    rng = np.random.RandomState(seed)
+    pure = jax.tree.unflatten(treedef, [jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype) for x in leaves])
+    nnx.replace_by_pure_dict(state, pure)
+    return graphdef, state
+
+
+@pytest.mark.parametrize("overrides", [
+    [*STARCODER2, "model.sliding_window=5"],
+    ["model.rope_scaling=yarn", "model.rope_factor=4", "model.rope_original_max_seq_len=8"],
+    ["model.rope_scaling=llama3", "model.rope_factor=8", "model.rope_original_max_seq_len=8"],
+    ["model.rope_scaling=linear", "model.rope_factor=2", "model.scan_layers=false"],
+], ids=["starcoder2-window", "yarn", "llama3", "linear-loop"])
+def test_kv_cache_decode_equals_full_forward_for_each_architecture(overrides):
+    """LayerNorm, the GELU MLP, all biases, a sliding window and scaled RoPE take the same values in
+    prefill + decode (the sampler's path) as in the full forward (training's path)."""
+    cfg = tiny_config(*overrides).model
+    graphdef, state = _random_state(cfg, seed=13)
+    full_fn = jax.jit(lambda state, toks: nnx.merge(graphdef, state)(toks)[0])
+    prefill = jax.jit(lambda state, toks: nnx.merge(graphdef, state)(toks, cache=init_cache(cfg, 2, 24)))
+    decode = jax.jit(lambda state, tok, cache: nnx.merge(graphdef, state).decode(tok, cache))
+    tokens = _tokens((2, 20), seed=15)
+    full = full_fn(state, tokens)
+    logits, cache = prefill(state, tokens[:, :9])
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, :9]), atol=1e-5)
+    for t in range(9, 20):
+        step, cache = decode(state, tokens[:, t], cache)
+        np.testing.assert_allclose(np.asarray(step), np.asarray(full[:, t]), atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.rope_scaling=ntk"], "'model.rope_scaling' must be one of none, linear, llama3, yarn"),
+    (["model.rope_scaling=yarn", "model.rope_factor=4"], "needs model.rope_original_max_seq_len"),
+    (["model.rope_scaling=linear", "model.rope_factor=0.5"], "model.rope_factor must be >= 1"),
+    (["model.rope_scaling=llama3", "model.rope_factor=8", "model.rope_original_max_seq_len=16",
+      "model.rope_low_freq_factor=4"], "rope_low_freq_factor < model.rope_high_freq_factor"),
+    (["model.mlp_bias=true"], "model.mlp_bias needs model.mlp=gelu_tanh"),
+    (["model.norm=group"], "'model.norm' must be one of rms, layer"),
+])
+def test_config_refuses_bad_architecture_switches(overrides, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        tiny_config(*overrides)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("scan", [True, False])
@@ -222,3 +282,24 @@ def test_blockwise_causal_attention_equals_full_masked_attention(t, block):
     g_full = jax.grad(lambda *a: jnp.sum(full(*a) * weights), argnums=(0, 1, 2))(q, *kv)
     for a, e in zip(g_ours, g_full):
         np.testing.assert_allclose(a, e, atol=1e-5)
+
+
+def test_splash_attention_equals_the_blockwise_kernel_in_interpret_mode():
+    """model.attention=splash (Pallas, interpret mode on CPU): packed segments with padding, grouped
+    kv heads and a sliding window, values and gradients, against the XLA kernel."""
+    from codegen_jax.attention import causal_attention
+    from codegen_jax.splash import splash_attention
+
+    b, h, g, k, t = 2, 4, 2, 32, 256
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    q = jax.random.normal(keys[0], (b, h, t, k))
+    kv = [jax.random.normal(kk, (b, g, t, k)) for kk in keys[1:3]]
+    seg = jnp.asarray(np.sort(np.random.RandomState(2).randint(0, 4, (b, t)), axis=1))  # 0 = padding
+    weights = jax.random.normal(keys[3], (b, h, t, k))
+    for window in (0, 100):
+        ours = splash_attention(q, *kv, seg, window)
+        np.testing.assert_allclose(ours, causal_attention(q, *kv, seg, window), atol=1e-5)
+        grads = [jax.grad(lambda *a: jnp.sum(fn(*a, seg, window) * weights), argnums=(0, 1, 2))(q, *kv)
+                 for fn in (splash_attention, causal_attention)]
+        for a, e in zip(*grads):
+            np.testing.assert_allclose(a, e, atol=1e-5)
