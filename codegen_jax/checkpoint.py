@@ -125,7 +125,7 @@ def abstract_params(cfg: Config, mesh: jax.sharding.Mesh) -> Any:
     from codegen_jax.model import abstract_model
     from codegen_jax.sharding import abstract, state_shardings
 
-    _, abs_state = abstract_model(cfg.model)
+    _, abs_state = abstract_model(cfg.model, lora=cfg.lora)
     return abstract(nnx.to_pure_dict(abs_state), nnx.to_pure_dict(state_shardings(abs_state, mesh)))
 
 
@@ -216,7 +216,7 @@ def load_inference(path: str | Path, mesh: jax.sharding.Mesh | None = None
     from codegen_jax.model import abstract_model
 
     cfg, params, meta, step = load_params(path, mesh)
-    graphdef, _ = abstract_model(cfg.model)
+    graphdef, _ = abstract_model(cfg.model, lora=cfg.lora)
     model = nnx.merge(graphdef, params)
     with tempfile.TemporaryDirectory(prefix="codegen_jax_tok_") as tmp:  # loaded into memory: not kept
         tokenizer = load_tokenizer(materialize_tokenizer(meta["tokenizer"], tmp))

@@ -164,6 +164,21 @@ class SampleConfig:
     no_repeat_ngram: int = 0
 
 
+# LoRA targets by model.mlp: attention's projections, then the MLP's
+LORA_TARGETS = {"swiglu": ("q", "k", "v", "o", "gate", "up", "down"), "gelu_tanh": ("q", "k", "v", "o", "fc", "proj")}
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """LoRA adapters on the projections (codegen_jax/lora.py); the base weights are then frozen."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0  # the adapter's update is scaled by alpha / rank, as in PEFT
+    dropout: float = 0.0  # on the adapter's input, in training
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])  # q k v o gate up down (fc proj)
+
+
 @dataclasses.dataclass
 class CheckpointConfig:
     every: int = 100
@@ -181,6 +196,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -405,6 +421,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"mesh.{axis} must be a positive size or -1 (the rest); got {v}")
     if sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "tensor")) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    _validate_lora(cfg)
     batch_shards = max(cfg.mesh.data, 1) * max(cfg.mesh.fsdp, 1)
     if cfg.train.batch_size % (batch_shards * cfg.optim.grad_accum):
         raise ConfigError(
@@ -437,6 +454,21 @@ def _validate_rope_scaling(m: ModelConfig) -> None:
     if kind == "yarn" and (m.rope_beta_fast <= 0 or m.rope_beta_slow <= 0 or m.rope_attention_factor < 0):
         raise ConfigError("model.rope_scaling=yarn needs positive model.rope_beta_fast and model.rope_beta_slow "
                           "and model.rope_attention_factor >= 0 (0: computed from rope_factor)")
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.lora
+    if not lo.enabled:
+        return
+    if lo.rank <= 0:
+        raise ConfigError(f"lora.rank must be positive; got {lo.rank}")
+    if lo.alpha <= 0 or not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"lora.alpha must be positive and lora.dropout in [0, 1); got {lo.alpha}, {lo.dropout}")
+    valid = LORA_TARGETS.get(cfg.model.mlp, ())
+    bad = [t for t in lo.targets if t not in valid]
+    if bad or not lo.targets:
+        raise ConfigError(f"lora.targets {lo.targets}: {', '.join(bad) or 'empty'} is not a projection of this "
+                          f"model (model.mlp={cfg.model.mlp}); choose from {', '.join(valid)}")
 
 
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:

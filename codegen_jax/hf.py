@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from codegen_jax import checkpoint as ckpt
-from codegen_jax import hf_io, hf_params
+from codegen_jax import hf_io, hf_params, lora
 from codegen_jax.config import ModelConfig
 from codegen_jax.errors import UserError
 from codegen_jax.model import rope_attention_scale
@@ -293,13 +293,16 @@ def model_config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32", *,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, mesh: jax.sharding.Mesh | None = None) -> Path:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, mesh: jax.sharding.Mesh | None = None,
+              adapter_only: bool = False) -> Path:
     """Write our checkpoint (a run's workdir or one step dir) as an HF model directory `out`.
 
     `out` gets config.json, generation_config.json, the tokenizer files and `model.safetensors` (or
     shards above `max_shard_bytes` plus `model.safetensors.index.json`), with weights in `dtype`.
     Tensors stream from the restored (possibly sharded) params one at a time, so the host holds one
-    tensor beyond the params themselves. Returns `out`."""
+    tensor beyond the params themselves. A LoRA run's adapters are merged into their base weights
+    (its params are gathered to the host first); with `adapter_only`, `out` gets PEFT's adapter files
+    instead (`adapter_config.json`, `adapter_model.safetensors`). Returns `out`."""
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}; got {dtype!r}")
     out = Path(out)
@@ -307,6 +310,14 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32", *
     cfg, params, meta, _ = ckpt.load_params(checkpoint, mesh)
     m = cfg.model
     export_architecture(m)  # refuse a model no HF architecture computes before writing anything
+    if adapter_only and not cfg.lora.enabled:
+        raise UserError(f"--adapter-only: {checkpoint} was not trained with LoRA (lora.enabled=false); "
+                        "export the whole model without --adapter-only")
+    if cfg.lora.enabled:
+        params = jax.tree.map(_gathered, params)
+        if adapter_only:
+            return _export_adapter(cfg, params, out, dtype, checkpoint)
+        params = lora.merge(params, m, cfg.lora)
     np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
     plan = list(hf_params.tensors(m))
     specs = [hf_io.TensorSpec(t.hf, t.layout.hf_shape(hf_params.our_shape(t, params)), np_dtype)
@@ -324,6 +335,31 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32", *
     if jax.process_index() != 0:  # the other processes only take part in the gathers
         for _ in arrays:
             pass
+        return out
+    return hf_io.write_atomically(out, write)
+
+
+def _gathered(x: Any) -> np.ndarray:
+    """A whole array on the host, gathered across processes if needed."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def _export_adapter(cfg: Any, params: dict, out: Path, dtype: str, checkpoint: Any) -> Path:
+    """PEFT's adapter directory: what `peft.PeftModel.from_pretrained(base, out)` loads."""
+    from safetensors.numpy import save_file
+
+    np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+    tensors = {t.name: t.value.astype(np_dtype) for t in lora.peft_tensors(params, cfg.model, cfg.lora)}
+
+    def write(tmp: Path) -> None:
+        hf_io.write_json(tmp / "adapter_config.json", lora.peft_config(cfg.model, cfg.lora, str(checkpoint)))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    if jax.process_index() != 0:
         return out
     return hf_io.write_atomically(out, write)
 

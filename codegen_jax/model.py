@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from codegen_jax import attention
+from codegen_jax import lora as lora_lib
 from codegen_jax.config import ModelConfig
 from codegen_jax.sharding import constrain, state_shardings
 
@@ -199,7 +200,7 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq_k2: np.ndarray, scale: flo
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE; `__call__` over rows, `decode` over a cache."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: Any = None):
         d, h, g, k, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
         self.w_q_dhk = _param(rngs, (d, h, k), ("embed", "heads", "head_dim"), pd)
         self.w_k_dgk = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
@@ -212,36 +213,44 @@ class Attention(nnx.Module):
         if cfg.attention_out_bias:
             self.b_o_d = _param(rngs, (d,), ("embed",), pd, std=0.0)
         self.cfg = cfg
+        lora_lib.attach(self, lora, "attn", rngs)
 
-    def _project(self, x_btd: jax.Array, w: nnx.Param, bias: str) -> jax.Array:
-        """x [b, t, d] -> head-major [b, h, t, k] (one flat matmul, then the bias)."""
+    def _project(self, x_btd: jax.Array, w: nnx.Param, bias: str, target: str, key=None) -> jax.Array:
+        """x [b, t, d] -> head-major [b, h, t, k] (one flat matmul, the bias, a LoRA adapter's delta)."""
         y_bthk = dense(x_btd, w[...].astype(x_btd.dtype))
         if self.cfg.attention_bias:
             y_bthk = y_bthk + getattr(self, bias)[...].astype(x_btd.dtype)
+        if (d := lora_lib.delta(self, target, x_btd, 1, key)) is not None:
+            y_bthk = y_bthk + d
         return jnp.swapaxes(y_bthk, 1, 2)
 
-    def qkv(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def qkv(self, x_btd: jax.Array, positions_bt: jax.Array, key=None
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries [b, h, t, k] and keys, values [b, g, t, k] of x at `positions_bt`, RoPE applied."""
         pos_b1t = positions_bt[:, None, :]
         inv_freq_k2, scale = rope_inv_freq(self.cfg), rope_attention_scale(self.cfg)
-        q_bhtk = rope(self._project(x_btd, self.w_q_dhk, "b_q_hk"), pos_b1t, inv_freq_k2, scale)
-        k_bgtk = rope(self._project(x_btd, self.w_k_dgk, "b_k_gk"), pos_b1t, inv_freq_k2, scale)
-        v_bgtk = self._project(x_btd, self.w_v_dgk, "b_v_gk")
+        q_bhtk = rope(self._project(x_btd, self.w_q_dhk, "b_q_hk", "q", key), pos_b1t, inv_freq_k2, scale)
+        k_bgtk = rope(self._project(x_btd, self.w_k_dgk, "b_k_gk", "k", key), pos_b1t, inv_freq_k2, scale)
+        v_bgtk = self._project(x_btd, self.w_v_dgk, "b_v_gk", "v", key)
         return constrain(q_bhtk, "batch", "heads", "length", None), k_bgtk, v_bgtk
 
-    def _out(self, o_bhtk: jax.Array) -> jax.Array:
-        y_btd = dense(jnp.swapaxes(o_bhtk, 1, 2), self.w_o_hkd[...].astype(o_bhtk.dtype), n_in=2)
+    def _out(self, o_bhtk: jax.Array, key=None) -> jax.Array:
+        o_bthk = jnp.swapaxes(o_bhtk, 1, 2)
+        y_btd = dense(o_bthk, self.w_o_hkd[...].astype(o_bhtk.dtype), n_in=2)
         if self.cfg.attention_out_bias:
             y_btd = y_btd + self.b_o_d[...].astype(y_btd.dtype)
+        if (d := lora_lib.delta(self, "o", o_bthk, 2, key)) is not None:
+            y_btd = y_btd + d
         return y_btd
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array, key=None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """(out [b, t, d], (keys, values) [b, g, t, k]): causal attention of each row with itself."""
-        q_bhtk, k_bgtk, v_bgtk = self.qkv(x_btd, positions_bt)
+        """(out [b, t, d], (keys, values) [b, g, t, k]): causal attention of each row with itself.
+        `key`: LoRA dropout in training (None: none)."""
+        q_bhtk, k_bgtk, v_bgtk = self.qkv(x_btd, positions_bt, key)
         o_bhtk = attention.self_attention(self.cfg.attention, q_bhtk, k_bgtk, v_bgtk, segment_ids_bt,
                                           self.cfg.sliding_window)
-        return self._out(o_bhtk), (k_bgtk, v_bgtk)
+        return self._out(o_bhtk, key), (k_bgtk, v_bgtk)
 
     def decode(self, x_bd: jax.Array, pos_b: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
         """One new token per row at position `pos_b` (= its cache slot): write its key and value there,
@@ -259,29 +268,36 @@ class Attention(nnx.Module):
         return self._out(o_bhk[:, :, None])[:, 0], LayerCache(k_bgks, v_bgsk)
 
 
+def _adapted(module: nnx.Module, target: str, x: jax.Array, y: jax.Array, key) -> jax.Array:
+    """y plus the LoRA delta of `target` on x, if the module has that adapter."""
+    d = lora_lib.delta(module, target, x, 1, key)
+    return y if d is None else y + d
+
+
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: Any = None):
         d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
         self.w_gate_df = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.w_up_df = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        lora_lib.attach(self, lora, "mlp", rngs)
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, key=None) -> jax.Array:
         dt = x_btd.dtype
-        gate_btf = jax.nn.silu(dense(x_btd, self.w_gate_df[...].astype(dt)))
-        h_btf = gate_btf * dense(x_btd, self.w_up_df[...].astype(dt))
+        gate_btf = jax.nn.silu(_adapted(self, "gate", x_btd, dense(x_btd, self.w_gate_df[...].astype(dt)), key))
+        h_btf = gate_btf * _adapted(self, "up", x_btd, dense(x_btd, self.w_up_df[...].astype(dt)), key)
         if h_btf.ndim == 3:
             h_btf = constrain(h_btf, "batch", "length", "mlp")
-        return dense(h_btf, self.w_down_fd[...].astype(dt))
+        return _adapted(self, "down", h_btf, dense(h_btf, self.w_down_fd[...].astype(dt)), key)
 
 
 class GeluMLP(nnx.Module):
     """StarCoder2's MLP: proj(gelu(fc(x))), GELU's tanh approximation (HF `gelu_pytorch_tanh`), with
     biases when `model.mlp_bias`."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: Any = None):
         d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
         self.w_fc_df = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.w_proj_fd = _param(rngs, (f, d), ("mlp", "embed"), pd)
@@ -289,16 +305,17 @@ class GeluMLP(nnx.Module):
         if cfg.mlp_bias:
             self.b_fc_f = _param(rngs, (f,), ("mlp",), pd, std=0.0)
             self.b_proj_d = _param(rngs, (d,), ("embed",), pd, std=0.0)
+        lora_lib.attach(self, lora, "mlp", rngs)
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, key=None) -> jax.Array:
         dt = x_btd.dtype
-        h_btf = dense(x_btd, self.w_fc_df[...].astype(dt))
+        h_btf = _adapted(self, "fc", x_btd, dense(x_btd, self.w_fc_df[...].astype(dt)), key)
         if self.bias:
             h_btf = h_btf + self.b_fc_f[...].astype(dt)
         h_btf = jax.nn.gelu(h_btf, approximate=True)
         if h_btf.ndim == 3:
             h_btf = constrain(h_btf, "batch", "length", "mlp")
-        y_btd = dense(h_btf, self.w_proj_fd[...].astype(dt))
+        y_btd = _adapted(self, "proj", h_btf, dense(h_btf, self.w_proj_fd[...].astype(dt)), key)
         return y_btd + self.b_proj_d[...].astype(dt) if self.bias else y_btd
 
 
@@ -308,18 +325,19 @@ MLPS = {"swiglu": MLP, "gelu_tanh": GeluMLP}  # model.mlp -> module
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: Any = None):
         norm = NORMS[cfg.norm]
         self.attn_norm = norm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, lora)
         self.mlp_norm = norm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
-        self.mlp = MLPS[cfg.mlp](cfg, rngs)
+        self.mlp = MLPS[cfg.mlp](cfg, rngs, lora)
 
-    def __call__(self, x_btd, positions_bt, segment_ids_bt):
-        """(x [b, t, d], (keys, values) of this layer)."""
-        h_btd, kv = self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt)
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, key=None):
+        """(x [b, t, d], (keys, values) of this layer); `key`: LoRA dropout."""
+        keys = (None, None) if key is None else (jax.random.fold_in(key, 0), jax.random.fold_in(key, 1))
+        h_btd, kv = self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt, keys[0])
         x_btd = x_btd + h_btd
-        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd), keys[1])
         return constrain(x_btd, "batch", "length", "act_embed"), kv
 
     def decode(self, x_bd, pos_b, cache: LayerCache):
@@ -329,27 +347,29 @@ class Block(nnx.Module):
         return constrain(x_bd, "batch", "act_embed"), cache
 
 
-def _run_block(graphdef, state, x_btd, positions_bt, segment_ids_bt):
+def _run_block(graphdef, state, x_btd, positions_bt, segment_ids_bt, key=None):
     """A Block as a pure function of its state (what scan and remat need)."""
-    return nnx.merge(graphdef, state)(x_btd, positions_bt, segment_ids_bt)
+    return nnx.merge(graphdef, state)(x_btd, positions_bt, segment_ids_bt, key)
 
 
 class Decoder(nnx.Module):
     """Token embedding -> n_layers Blocks (scanned or a list) -> final norm -> LM head (or tied)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: Any = None):
+        """`lora`: a config `lora` section; enabled, the targets get adapters (codegen_jax/lora.py)."""
         self.cfg = cfg
+        self.lora = lora if lora is not None and lora.enabled else None
         d, v, pd = cfg.d_model, cfg.vocab_size, cfg.param_dtype
         self.embed_vd = _param(rngs, (v, d), ("vocab", "embed"), pd)
         if cfg.scan_layers:
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs):
-                return Block(cfg, rngs)
+                return Block(cfg, rngs, self.lora)
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+            self.blocks = nnx.List([Block(cfg, rngs, self.lora) for _ in range(cfg.n_layers)])
         self.final_norm = NORMS[cfg.norm](d, cfg.norm_eps, pd, rngs)
         if not cfg.tie_embeddings:
             self.lm_head_dv = _param(rngs, (d, v), ("embed", "vocab"), pd)
@@ -366,16 +386,18 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                  segment_ids_bt: jax.Array | None = None, *, cache: KVCache | None = None,
-                 logits_at_b: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 logits_at_b: jax.Array | None = None, dropout_key: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
         """Logits of whole rows: [b, t, v] fp32, or [b, v] at position `logits_at_b` of each row.
 
         `segment_ids_bt` (0 = padding) defaults to one segment per row and `positions_bt` to 0..t-1.
         With `cache` (empty, at least t slots) this is prefill: each row is one right-padded prompt,
         its keys and values go to slots [0, t) and its length is its number of non-padding tokens;
-        the filled cache is returned (else None)."""
+        the filled cache is returned (else None). `dropout_key`: LoRA dropout (training only)."""
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones_like(tokens_bt)
-        x_btd, kv = self.hidden(tokens_bt, positions_bt, segment_ids_bt, keep_kv=cache is not None)
+        x_btd, kv = self.hidden(tokens_bt, positions_bt, segment_ids_bt, keep_kv=cache is not None,
+                                dropout_key=dropout_key)
         if logits_at_b is not None:  # prefill needs one position per row; all [b, t, v] logits can be GBs
             x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
         logits = self.logits(x_btd)
@@ -384,7 +406,8 @@ class Decoder(nnx.Module):
         return constrain(logits, "batch", "length", "vocab"), self._fill(cache, kv, segment_ids_bt)
 
     def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
-               segment_ids_bt: jax.Array | None = None, keep_kv: bool = False) -> tuple[jax.Array, list | None]:
+               segment_ids_bt: jax.Array | None = None, keep_kv: bool = False,
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, list | None]:
         """The last block's output [b, t, d] (before the final norm; `logits` takes it from there), and
         with `keep_kv` every layer's keys and values."""
         if segment_ids_bt is None:
@@ -392,7 +415,7 @@ class Decoder(nnx.Module):
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         x_btd = constrain(self.embed(tokens_bt), "batch", "length", "act_embed")
-        return self._run_layers(x_btd, positions_bt, segment_ids_bt, keep_kv=keep_kv)
+        return self._run_layers(x_btd, positions_bt, segment_ids_bt, keep_kv, dropout_key)
 
     def decode(self, tokens_b: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Logits [b, v] (fp32) of one new token per row, at position `cache.lengths_b`, and the cache
@@ -426,10 +449,11 @@ class Decoder(nnx.Module):
         lengths_b = jnp.sum(segment_ids_bt > 0, axis=1).astype(jnp.int32)
         return KVCache(tuple(layers), lengths_b)
 
-    def _run_layers(self, x_btd, positions_bt, segment_ids_bt, keep_kv: bool):
+    def _run_layers(self, x_btd, positions_bt, segment_ids_bt, keep_kv: bool, key=None):
         """All blocks (scanned or unrolled, rematerialized per `model.remat`); the per-layer keys and
-        values are returned only with `keep_kv` (prefill)."""
-        remat = self.cfg.remat
+        values are returned only with `keep_kv` (prefill). `key`: LoRA dropout, one per layer."""
+        remat, n = self.cfg.remat, self.cfg.n_layers
+        keys = None if key is None else jax.random.split(key, n)
 
         def wrap(fn):
             return jax.checkpoint(fn, policy=_REMAT_POLICIES[remat]) if remat != "none" else fn
@@ -438,19 +462,20 @@ class Decoder(nnx.Module):
             graphdef, state = nnx.split(self.blocks)
             fn = wrap(functools.partial(_run_block, graphdef))
 
-            def body(x, state_l):
-                x, kv = fn(state_l, x, positions_bt, segment_ids_bt)
+            def body(x, layer):
+                state_l, key_l = layer
+                x, kv = fn(state_l, x, positions_bt, segment_ids_bt, key_l)
                 return x, (kv if keep_kv else None)
 
-            x_btd, kv = jax.lax.scan(body, x_btd, state)
+            x_btd, kv = jax.lax.scan(body, x_btd, (state, keys))
             if not keep_kv:
                 return x_btd, None
             return x_btd, [(kv[0][i], kv[1][i]) for i in range(self.cfg.n_layers)]
         kvs = []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             graphdef, state = nnx.split(block)
             fn = wrap(functools.partial(_run_block, graphdef))
-            x_btd, kv = fn(state, x_btd, positions_bt, segment_ids_bt)
+            x_btd, kv = fn(state, x_btd, positions_bt, segment_ids_bt, None if keys is None else keys[i])
             kvs.append(kv)
         return x_btd, (kvs if keep_kv else None)
 
@@ -464,13 +489,15 @@ def _platform(mesh: jax.sharding.Mesh | None) -> str:
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
-def create_model(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> Decoder:
-    """A randomly initialised Decoder whose parameters are created already sharded on `mesh`
-    (inside one jit with out_shardings, so no device or host ever holds a full unsharded copy)."""
+def create_model(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
+                 lora: Any = None) -> Decoder:
+    """A randomly initialised Decoder (with the `lora` section's adapters when enabled) whose
+    parameters are created already sharded on `mesh` (inside one jit with out_shardings, so no device
+    or host ever holds a full unsharded copy)."""
     cfg = resolve_config(cfg, _platform(mesh))
 
     def make() -> Decoder:
-        return Decoder(cfg, nnx.Rngs(params=seed))
+        return Decoder(cfg, nnx.Rngs(params=seed), lora)
 
     with nnx.use_eager_sharding(False):
         graphdef, abs_state = nnx.split(nnx.eval_shape(make))
@@ -479,12 +506,13 @@ def create_model(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, seed: 
     return nnx.merge(graphdef, state)
 
 
-def abstract_model(cfg: ModelConfig, platform: str | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(cfg: ModelConfig, platform: str | None = None, lora: Any = None
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
     """GraphDef and shape-only State of a Decoder (no memory allocated): for restore and planning.
     `platform` resolves `attention: auto` (default: this process's backend)."""
     cfg = resolve_config(cfg, platform or jax.default_backend())
     with nnx.use_eager_sharding(False):
-        return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0))))
+        return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0), lora)))
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -532,7 +560,7 @@ def unstacked(model: Decoder, mesh: jax.sharding.Mesh | None) -> tuple[nnx.Graph
     step then reads each layer's parameters in place, with no slicing of the stack per step."""
     cfg = dataclasses.replace(model.cfg, scan_layers=False)
     params = layer_layout(nnx.to_pure_dict(nnx.state(model)), model.cfg.scan_layers, scan_layers=False)
-    graphdef, abs_state = abstract_model(cfg, _platform(mesh))
+    graphdef, abs_state = abstract_model(cfg, _platform(mesh), model.lora)
     if mesh is not None:
         target = nnx.to_pure_dict(state_shardings(abs_state, mesh))
         params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, target)

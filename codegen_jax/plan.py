@@ -32,14 +32,19 @@ def _target_devices(cfg: Config, devices: int | None) -> int:
     return math.prod(sizes) if all(s > 0 for s in sizes) else jax.device_count()
 
 
-def shard_bytes(cfg: Config, sizes: dict[str, int]) -> tuple[int, int]:
-    """(total, per-device) parameter bytes: every array divided by the mesh axes the rules give it."""
+def shard_bytes(cfg: Config, sizes: dict[str, int], trained_only: bool = False) -> tuple[int, int]:
+    """(total, per-device) parameter bytes: every array divided by the mesh axes the rules give it
+    (`trained_only`: the arrays training updates, with LoRA the adapters)."""
     from flax import nnx
 
+    from codegen_jax.lora import is_adapter
+
     mesh = types.SimpleNamespace(shape=sizes)  # logical_to_spec only reads axis sizes
-    _, state = abstract_model(cfg.model)
+    _, state = abstract_model(cfg.model, lora=cfg.lora)
     total = per_device = 0
-    for _, v in nnx.to_flat_state(state):
+    for path, v in nnx.to_flat_state(state):
+        if trained_only and cfg.lora.enabled and not is_adapter(path):
+            continue
         spec = logical_to_spec(v.get_metadata().get("out_sharding"), v.shape, mesh)
         shards = math.prod(math.prod(sizes[a] for a in ((ax,) if isinstance(ax, str) else ax))
                            for ax in spec if ax is not None)
@@ -81,11 +86,11 @@ def _compile_step_temp_bytes(cfg: Config, mesh) -> int:
     from codegen_jax.train.optim import make_optimizer, schedule
     from codegen_jax.train.step import make_train_step, train_state_layout
 
-    graphdef, abs_state = abstract_model(cfg.model)
+    graphdef, abs_state = abstract_model(cfg.model, lora=cfg.lora)
     opt = make_optimizer(cfg.optim, cfg.train.steps)
-    state_sh, state = train_state_layout(abs_state, opt, mesh)
+    state_sh, state = train_state_layout(abs_state, opt, mesh, cfg.lora)
     step = make_train_step(graphdef, opt, schedule(cfg.optim, cfg.train.steps), mesh, state_sh,
-                           cfg.optim.grad_accum, cfg.optim.z_loss)
+                           cfg.optim.grad_accum, cfg.optim.z_loss, lora_cfg=cfg.lora)
     batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32)
              for k in ("tokens", "segment_ids", "positions", "loss_mask")}
     return int(step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes)
@@ -95,13 +100,14 @@ def plan(cfg: Config, devices: int | None = None) -> dict[str, Any]:
     n = _target_devices(cfg, devices)
     sizes = mesh_shape(cfg.mesh, n)
     total, params_dev = shard_bytes(cfg, sizes)
+    _, trained_dev = shard_bytes(cfg, sizes, trained_only=True)  # with LoRA: the adapters
     act = compiled_activation_bytes(cfg) if n == jax.device_count() else None
     out = {"devices": n, "mesh": sizes, "params": param_count(cfg.model),
            "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
            "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
            "params_bytes_total": total, "params_bytes": params_dev,
-           "optimizer_bytes": 2 * params_dev,  # Adam's mu and nu, in the parameter dtype
-           "grads_bytes": params_dev,
+           "optimizer_bytes": 2 * trained_dev,  # Adam's mu and nu of what trains, in the parameter dtype
+           "grads_bytes": trained_dev,
            "activations_bytes": act if act is not None else activation_bytes(cfg, sizes),
            "activations_source": "compiled" if act is not None else "analytic"}
     out["per_device_bytes"] = sum(out[k] for k in ("params_bytes", "optimizer_bytes", "grads_bytes",
@@ -132,11 +138,12 @@ def _train_program(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[Any, tuple]:
     from codegen_jax.train.optim import make_optimizer, schedule
     from codegen_jax.train.step import make_train_step, train_state_layout
 
-    graphdef, abs_state = abstract_model(cfg.model, "tpu")
+    graphdef, abs_state = abstract_model(cfg.model, "tpu", lora=cfg.lora)
     opt = make_optimizer(cfg.optim, cfg.train.steps)
-    state_sh, state = train_state_layout(abs_state, opt, mesh)
+    state_sh, state = train_state_layout(abs_state, opt, mesh, cfg.lora)
     step = make_train_step(graphdef, opt, schedule(cfg.optim, cfg.train.steps), mesh, state_sh,
-                           cfg.optim.grad_accum, cfg.optim.z_loss, loss_chunk=cfg.train.loss_chunk)
+                           cfg.optim.grad_accum, cfg.optim.z_loss, loss_chunk=cfg.train.loss_chunk,
+                           lora_cfg=cfg.lora)
     batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32,
                                      sharding=batch_sharding(mesh))
              for k in ("tokens", "segment_ids", "positions", "loss_mask")}

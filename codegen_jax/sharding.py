@@ -29,6 +29,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "layers": None,  # scanned layer stack: every device holds its share of every layer
     "norm": None,  # norm scales are tiny: replicated
+    "lora": None,  # a LoRA adapter's rank axis: small, replicated (its other axis follows its base weight)
 }
 
 

@@ -45,3 +45,18 @@ def test_a_budget_needs_a_warmup_it_can_time_inside(tmp_path):
         train(tiny_config(*BASE, "optim.warmup_steps=1"), workdir=str(tmp_path), samples=False)
     with pytest.raises(ConfigError, match="time_budget_s must be >= 0"):
         tiny_config("train.time_budget_s=-1")
+
+
+def test_a_wsd_schedule_fixes_its_length_late_and_decays_where_the_budget_ends(tmp_path):
+    """optim.schedule=wsd: flat until its decay, so the pace is measured over the first ~35% of the
+    budget; the recorded length's schedule is the one every step ran with."""
+    cfg = tiny_config(*BASE, "optim.schedule=wsd", "optim.warmup_steps=3", "train.time_budget_s=0.001",
+                      "train.steps=400")
+    a = train(cfg, workdir=str(tmp_path / "a"), samples=False)
+    n = json.loads((tmp_path / "a" / "budget.json").read_text())["steps"]
+    assert a["steps"] == n and n < 400 and list(a["losses"]) == list(range(1, n + 1))
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r}
+    implied = schedule(tiny_config(*BASE, "optim.schedule=wsd", "optim.warmup_steps=3",
+                                   f"optim.schedule_steps={n}").optim, n)
+    assert lrs == pytest.approx({k: float(implied(k - 1)) for k in range(1, n + 1)}, rel=1e-6)

@@ -11,6 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA run: write PEFT's adapter files instead of the merged model")
     p.set_defaults(run=run_export)
 
     p = sub.add_parser("import-hf", help="read a Hugging Face Llama/Mistral/Qwen2 checkpoint")
@@ -22,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from codegen_jax.hf import export_hf
 
-    out = export_hf(args.checkpoint, args.out, dtype=args.dtype)
+    out = export_hf(args.checkpoint, args.out, dtype=args.dtype, adapter_only=args.adapter_only)
     print(f"wrote {out}")
 
 

@@ -1,10 +1,16 @@
 """A wall-clock budget for a run (`train.time_budget_s`), known to the learning-rate schedule.
 
-The first `probe_steps(cfg)` steps are timed (inside the warmup, where the learning rate does not depend
-on the total), then the run's length is fixed: as many steps as the rest of the budget holds at the
-measured pace, evaluations included, at most `train.steps`. The number is written to WORKDIR/budget.json
-before training goes on, and a restarted run reads it back instead of measuring again, so a resumed
-run follows the same schedule as one never stopped (exact resume holds).
+The run is timed, then its length is fixed: as many steps as the rest of the budget holds at the
+measured pace, evaluations included, at most `train.steps`. When that happens depends on the schedule:
+- `wsd` and `constant` keep the learning rate flat until the decay near the end, so the length can be
+  fixed late, after `LATE_FRACTION` of the budget (the pace measured on many steps, the input pipeline
+  past its start-up bursts): the decay then starts where the budget puts it ("decay triggered by the
+  budget");
+- the others (cosine, linear) shape every post-warmup step by the total, so the length is fixed inside
+  the warmup, after `probe_steps` steps.
+Either way the steps before the fix follow the schedule of the final length, and the number is written
+to WORKDIR/budget.json before training goes on: a restarted run reads it back instead of measuring
+again, so a resumed run follows the same schedule as one never stopped (exact resume holds).
 """
 
 from __future__ import annotations
@@ -18,14 +24,32 @@ from codegen_jax.errors import UserError
 
 BUDGET_FILE = "budget.json"
 MAX_PROBE = 8
+LATE_FRACTION = 0.35
+PACE_WINDOW = 20  # the most recent steps the pace is measured on
+
+
+def late(cfg: Config) -> bool:
+    """Whether the length may be fixed late (the schedule is flat until its decay)."""
+    return cfg.optim.schedule in ("wsd", "constant")
 
 
 def probe_steps(cfg: Config) -> int:
-    """Steps timed before the length is fixed: they must fall inside the warmup."""
+    """Steps timed before the length is fixed early: they must fall inside the warmup."""
     if cfg.optim.warmup_steps < 3:
-        raise UserError("train.time_budget_s needs optim.warmup_steps >= 3 (the learning rate of the "
-                        "timed first steps must not depend on the run's length)")
+        raise UserError("train.time_budget_s with this optim.schedule needs optim.warmup_steps >= 3 (the "
+                        "learning rate of the timed first steps must not depend on the run's length); or "
+                        "use optim.schedule=wsd")
     return min(MAX_PROBE, cfg.optim.warmup_steps - 1, cfg.train.steps)
+
+
+def due(cfg: Config, step: int, elapsed_s: float, probe: int) -> bool:
+    """Fix the length now? Late schedules: once LATE_FRACTION of the budget is spent (and past the
+    warmup), while the provisional length's decay is still ahead; the others: at the probe step."""
+    if not late(cfg):
+        return step == probe
+    decay_start = cfg.train.steps - max(int((cfg.train.steps - cfg.optim.warmup_steps) * cfg.optim.decay_fraction), 1)
+    past_warmup = step > cfg.optim.warmup_steps
+    return (past_warmup and elapsed_s >= LATE_FRACTION * cfg.train.time_budget_s) or step + 1 >= decay_start
 
 
 def recorded(workdir: Any) -> dict | None:
@@ -42,7 +66,18 @@ def fit(cfg: Config, elapsed_s: float, step_s: float, eval_s: float, done: int) 
     left = cfg.train.time_budget_s - elapsed_s - eval_s
     per_step = step_s + eval_s / cfg.train.eval_every
     more = int(left // per_step) if left > 0 else 0
-    return min(cfg.train.steps, max(done + more, cfg.optim.warmup_steps + 1))
+    return min(cfg.train.steps, max(done + more, cfg.optim.warmup_steps + 1, _decay_after(cfg, done)))
+
+
+def _decay_after(cfg: Config, done: int) -> int:
+    """The shortest length whose schedule is still flat through step `done` (late schedules: the
+    steps run so far were flat, so the decay must start after them)."""
+    if cfg.optim.schedule != "wsd":
+        return 0
+    n = done + 1
+    while n - max(int((n - cfg.optim.warmup_steps) * cfg.optim.decay_fraction), 1) < done:
+        n += 1
+    return n
 
 
 def record(workdir: Any, steps: int, **measured: float) -> None:

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from codegen_jax import checkpoint as ckpt
-from codegen_jax import distributed, storage
+from codegen_jax import distributed, lora, storage
 from codegen_jax.train import budget
 from codegen_jax.config import Config, ModelConfig, check_batch, mesh_shape
 from codegen_jax.data.pipeline import make_iterator
@@ -102,12 +102,13 @@ def _setup(cfg: Config, workdir: Any, init_from: str | None, progress: Progress)
     tokenizer = _shared_tokenizer(cfg, workdir)
     data = make_iterator(cfg, tokenizer, split="train", process_index=jax.process_index(),
                          process_count=jax.process_count())
-    model = create_model(cfg.model, mesh, seed=cfg.train.seed)
+    model = create_model(cfg.model, mesh, seed=cfg.train.seed, lora=cfg.lora)
     graphdef, params_state = nnx.split(model)
     optimizer: optax.GradientTransformation = make_optimizer(cfg.optim, cfg.train.steps)
-    state_sh, abstract = train_state_layout(params_state, optimizer, mesh)
+    state_sh, abstract = train_state_layout(params_state, optimizer, mesh, cfg.lora)
     params = nnx.to_pure_dict(params_state)
-    opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
+    trained = lora.split(params, lora.trainable(params, cfg.lora))[0]  # with LoRA: the adapters
+    opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(trained)
     state = TrainState(jax.device_put(np.int32(0), state_sh.step), params, opt_state)
     mngr = ckpt.manager(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start = 0
@@ -128,14 +129,17 @@ def _setup(cfg: Config, workdir: Any, init_from: str | None, progress: Progress)
     elif init_from:
         src_cfg, src_params, _, step = ckpt.load_params(init_from, mesh)
         _check_model_compatible(src_cfg.to_dict(), cfg, f"--init-from {init_from}", layout_matters=False)
-        src_params = layer_layout(src_params, src_cfg.model.scan_layers, cfg.model.scan_layers)
+        src_params = layer_layout(lora.strip(src_params), src_cfg.model.scan_layers, cfg.model.scan_layers)
+        if cfg.lora.enabled:  # the source's weights, this run's fresh adapters (B = 0: the same function)
+            src_params = lora.join(lora.split(params, lora.trainable(params, cfg.lora))[0], src_params)
         state = TrainState(state.step, jax.device_put(src_params, state_sh.params), opt_state)
-        progress.message(f"initialised params from {init_from} (step {step}); fresh optimizer")
+        progress.message(f"initialised params from {init_from} (step {step}); fresh optimizer"
+                         + (f"; LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}" if cfg.lora.enabled else ""))
     token_bytes = jax.device_put(tokenizer.token_byte_lengths().astype(np.float32), state_sh.step)
     sched = schedule(cfg.optim, cfg.train.steps)
     train_step = make_train_step(graphdef, optimizer, sched, mesh, state_sh, cfg.optim.grad_accum,
                                  cfg.optim.z_loss, skip_nonfinite=cfg.train.nan_policy == "skip",
-                                 loss_chunk=cfg.train.loss_chunk)
+                                 loss_chunk=cfg.train.loss_chunk, lora_cfg=cfg.lora, seed=cfg.train.seed)
     eval_step = make_eval_step(graphdef, mesh, state_sh.params, token_bytes, cfg.train.loss_chunk)
     return _Run(cfg, workdir, mesh, tokenizer, graphdef, state, train_step, eval_step, data, mngr, start)
 
@@ -210,11 +214,12 @@ def _fix_length(run: _Run, step_times: list[float], started: float, progress: Pr
     workdir (process 0 decides, everyone follows), and the train step rebuilt for that schedule."""
     from jax.experimental import multihost_utils
 
-    cfg, done = run.cfg, len(step_times)
+    cfg, done = run.cfg, len(step_times) + run.start_step
     t0 = time.perf_counter()
     evaluate(run)  # compiles the eval step too, so the estimate covers both
     eval_s = time.perf_counter() - t0
-    step_s = float(np.median(step_times[1:])) if len(step_times) > 1 else step_times[0]
+    recent = step_times[1:][-budget.PACE_WINDOW:] or step_times  # the first step compiles
+    step_s = float(np.median(recent))
     steps = budget.fit(cfg, time.perf_counter() - started, step_s, eval_s, done)
     steps = int(multihost_utils.broadcast_one_to_all(np.int32(steps)))
     if distributed.is_main():
@@ -237,7 +242,8 @@ def _rebuild_step(run: _Run, cfg: Config) -> None:
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     run.train_step = make_train_step(run.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps), run.mesh,
                                      state_sh, cfg.optim.grad_accum, cfg.optim.z_loss,
-                                     skip_nonfinite=cfg.train.nan_policy == "skip", loss_chunk=cfg.train.loss_chunk)
+                                     skip_nonfinite=cfg.train.nan_policy == "skip", loss_chunk=cfg.train.loss_chunk,
+                                     lora_cfg=cfg.lora, seed=cfg.train.seed)
     run.cfg = cfg
 
 
@@ -254,9 +260,10 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
     if fixed is not None:
         cfg = budget.with_steps(cfg, fixed["steps"])
     run = _setup(cfg, path, init_from, progress)
-    # the length is fixed after the probe steps (or, resuming a run that crashed before it recorded
-    # one, after this start's first step)
-    probe = max(budget.probe_steps(cfg), run.start_step + 1) if cfg.train.time_budget_s > 0 and fixed is None else 0
+    # a budget not fixed yet is fixed when `budget.due` (for early schedules after the probe steps,
+    # or, resuming a run that crashed before it recorded one, after this start's first step)
+    pending = cfg.train.time_budget_s > 0 and fixed is None
+    probe = max(budget.probe_steps(cfg), run.start_step + 1) if pending and not budget.late(cfg) else 0
     writer = MetricsWriter(path, distributed.is_main(), cfg.train.wandb, cfg.to_dict())
     writer.truncate_after(run.start_step)
     peak = peak_flops(cfg.train.peak_flops)
@@ -281,8 +288,8 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
                                 f"{last_saved}) is intact; lower optim.lr or set train.nan_policy=skip")
             losses[step] = float(m["loss"])
             step_times.append(time.perf_counter() - t_step)
-            if step == probe:
-                cfg = _fix_length(run, step_times, started, progress)
+            if pending and budget.due(cfg, step, time.perf_counter() - started, probe):
+                cfg, pending = _fix_length(run, step_times, started, progress), False
             info = {}
             if window_start is None:  # the first step compiles: keep it out of the throughput window
                 window_start = time.perf_counter()

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from codegen_jax import lora
 from codegen_jax.sharding import abstract, batch_sharding, opt_state_shardings, state_shardings
 
 Batch = dict[str, jax.Array]
@@ -34,14 +35,16 @@ jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt
 
 
 def train_state_layout(abs_params: nnx.State, optimizer: optax.GradientTransformation,
-                       mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
+                       mesh: jax.sharding.Mesh, lora_cfg: Any = None) -> tuple[TrainState, TrainState]:
     """(shardings, abstract values) of the TrainState of a model with (abstract) parameters
     `abs_params` on `mesh`: params by the rules table, Adam's moments like their parameters, the step
-    replicated. One helper for the loop, checkpoint restore and `plan`."""
+    replicated. One helper for the loop, checkpoint restore and `plan`. With LoRA on (`lora_cfg`), the
+    optimizer state covers the adapters only."""
     params_sh = nnx.to_pure_dict(state_shardings(abs_params, mesh))
     params = abstract(nnx.to_pure_dict(abs_params), params_sh)
-    opt_abs = jax.eval_shape(optimizer.init, params)
-    opt_sh = opt_state_shardings(opt_abs, params_sh, mesh)
+    trainable_mask = lora.trainable(params, lora_cfg)
+    opt_abs = jax.eval_shape(optimizer.init, lora.split(params, trainable_mask)[0])
+    opt_sh = opt_state_shardings(opt_abs, lora.split(params_sh, trainable_mask)[0], mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shardings = TrainState(replicated, params_sh, opt_sh)
     return shardings, TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params,
@@ -64,15 +67,16 @@ def masked_nll(logits_btv: jax.Array, labels_bt: jax.Array) -> tuple[jax.Array, 
     return log_z_bt - target_logit_bt, log_z_bt
 
 
-def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0, key: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
     """Next-token NLL [b, t] and log-partition [b, t] of the batch under `params` (the last position's
-    label is a placeholder; `target_weights` gives it weight 0).
+    label is a placeholder; `target_weights` gives it weight 0). `key`: LoRA dropout (training).
 
     With `chunk`, the LM head and cross entropy run on `chunk` positions at a time, each chunk
     rematerialized: the [b, t, vocab] fp32 logits (and their gradient) are never all live, which on a
     2048-token row of a 32k vocabulary is 256 MiB per sequence each."""
     model = nnx.merge(graphdef, params)
-    x_btd, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
+    x_btd, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key)
     labels_bt = jnp.pad(batch["tokens"][:, 1:], ((0, 0), (0, 1)))
     t = x_btd.shape[1]
     if chunk <= 0 or chunk >= t or t % chunk:
@@ -91,30 +95,35 @@ def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0)
     return jnp.moveaxis(nll_nbc, 0, 1).reshape(b, t), jnp.moveaxis(log_z_nbc, 0, 1).reshape(b, t)
 
 
-def _sums(graphdef, params, batch, z_loss: float, chunk: int = 0):
-    """(objective sum, (nll sum, target count)) over one microbatch."""
-    nll_bt, log_z_bt = token_nll(graphdef, params, batch, chunk)
+def _sums(graphdef, params, batch, z_loss: float, chunk: int = 0, frozen: Any = None, key=None):
+    """(objective sum, (nll sum, target count)) over one microbatch; `params` are the trained ones,
+    `frozen` the rest (LoRA's base weights: no gradient is computed for them)."""
+    nll_bt, log_z_bt = token_nll(graphdef, lora.join(params, frozen) if frozen else params, batch, chunk, key)
     w_bt = target_weights(batch)
     nll_sum = jnp.sum(nll_bt * w_bt)
     objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z_bt) * w_bt)
     return objective, (nll_sum, jnp.sum(w_bt))
 
 
-def grads_and_metrics(graphdef, params, batch: Batch, microbatches: int, z_loss: float, loss_chunk: int = 0):
-    """Gradient of the token-mean objective over the whole batch, summed over microbatches inside one
-    `lax.scan` so accumulation is exact (sum of sums, one division at the end)."""
+def grads_and_metrics(graphdef, params, batch: Batch, microbatches: int, z_loss: float, loss_chunk: int = 0,
+                      frozen: Any = None, key: jax.Array | None = None):
+    """Gradient (with respect to `params`; `frozen` ones take part in the loss only) of the token-mean
+    objective over the whole batch, summed over microbatches inside one `lax.scan` so accumulation is
+    exact (sum of sums, one division at the end). `key`: LoRA dropout, folded with the microbatch."""
     grad_fn = jax.value_and_grad(_sums, argnums=1, has_aux=True)
     if microbatches == 1:
-        (_, (nll_sum, count)), grads = grad_fn(graphdef, params, batch, z_loss, loss_chunk)
+        (_, (nll_sum, count)), grads = grad_fn(graphdef, params, batch, z_loss, loss_chunk, frozen, key)
     else:
         split = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
 
         def body(acc, micro):
-            (_, (nll, n)), g = grad_fn(graphdef, params, micro, z_loss, loss_chunk)
+            i, micro = micro
+            k = None if key is None else jax.random.fold_in(key, i)
+            (_, (nll, n)), g = grad_fn(graphdef, params, micro, z_loss, loss_chunk, frozen, k)
             return jax.tree.map(jnp.add, acc, (g, nll, n)), None
 
         zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, nll_sum, count), _ = jax.lax.scan(body, zeros, split)
+        (grads, nll_sum, count), _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), split))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     return grads, {"loss": nll_sum / denom, "tokens": count}
@@ -123,15 +132,23 @@ def grads_and_metrics(graphdef, params, batch: Batch, microbatches: int, z_loss:
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: jax.sharding.Mesh, state_shardings: Any,
                     microbatches: int = 1, z_loss: float = 0.0, skip_nonfinite: bool = False,
-                    loss_chunk: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    loss_chunk: int = 0, lora_cfg: Any = None, seed: int = 0
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """jit(train_step) with the state donated and pinned to `state_shardings`, the batch on the data
     axes. With `skip_nonfinite`, a step whose loss or gradient is NaN/Inf leaves the state unchanged;
-    `loss_chunk` is `token_nll`'s chunk."""
+    `loss_chunk` is `token_nll`'s chunk. With LoRA on (`lora_cfg`) only the adapters train: the base
+    weights get no gradient and no optimizer state; its dropout draws from (seed, step)."""
+    lora_on = lora_cfg is not None and lora_cfg.enabled
+    dropout = lora_on and lora_cfg.dropout > 0
 
     def train_step(state: TrainState, batch: Batch):
-        grads, metrics = grads_and_metrics(graphdef, state.params, batch, microbatches, z_loss, loss_chunk)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        trained, frozen = lora.split(state.params, lora.trainable(state.params, lora_cfg)) if lora_on \
+            else (state.params, None)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step) if dropout else None
+        grads, metrics = grads_and_metrics(graphdef, trained, batch, microbatches, z_loss, loss_chunk, frozen, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+        trained = optax.apply_updates(trained, updates)
+        params = lora.join(trained, frozen) if lora_on else trained
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         if skip_nonfinite:

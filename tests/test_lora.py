@@ -1,0 +1,191 @@
+"""LoRA: adapters that start as the identity, train alone (the base frozen, optimizer state adapter-sized),
+match HF + PEFT + torch AdamW step for step, export merged or in PEFT's format, and resume exactly."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from codegen_jax import cli, lora
+from codegen_jax.checkpoint import write_params_checkpoint
+from codegen_jax.config import ConfigError
+from codegen_jax.hf import transformers_config
+from codegen_jax.hf_params import to_hf_state_dict
+from codegen_jax.model import create_model
+from codegen_jax.sharding import make_mesh
+from codegen_jax.train.optim import make_optimizer, schedule
+from codegen_jax.train.step import TrainState, make_train_step
+
+from conftest import tiny_config
+
+LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.targets=[q,k,v,o,gate,up,down]"]
+OPT = ["optim.schedule=constant", "optim.warmup_steps=0", "optim.lr=1e-2", "optim.clip_norm=0",
+       "optim.weight_decay=0.1"]
+
+
+def _models(cfg, seed=3):
+    """(plain model, LoRA model with the same base weights) and their params."""
+    plain = create_model(cfg.model, seed=seed)
+    adapted = create_model(cfg.model, seed=seed, lora=cfg.lora)
+    base = nnx.to_pure_dict(nnx.state(plain))
+    full = nnx.to_pure_dict(nnx.state(adapted))
+    params = lora.join(lora.split(full, lora.trainable(full, cfg.lora))[0], base)
+    state = nnx.state(adapted)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(adapted, state)
+    return plain, adapted, params
+
+
+def _batch(seed, b=4, t=16, vocab=101):
+    tokens = np.random.RandomState(seed).randint(0, vocab, (b, t)).astype(np.int32)
+    return {"tokens": tokens, "segment_ids": np.ones((b, t), np.int32),
+            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)), "loss_mask": np.ones((b, t), np.int32)}
+
+
+def _step(cfg, params):
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    graphdef, _ = nnx.split(create_model(cfg.model, lora=cfg.lora))
+    opt = make_optimizer(cfg.optim, 10)
+    trained = lora.split(params, lora.trainable(params, cfg.lora))[0]
+    shardings = TrainState(NamedSharding(mesh, P()), jax.tree.map(lambda _: NamedSharding(mesh, P()), params),
+                           None)
+    step = make_train_step(graphdef, opt, schedule(cfg.optim, 10), mesh, shardings, lora_cfg=cfg.lora)
+    return step, TrainState(jnp.int32(0), params, opt.init(trained))
+
+
+def test_fresh_adapters_leave_the_logits_unchanged():
+    cfg = tiny_config(*LORA)
+    plain, adapted, _ = _models(cfg)
+    tokens = jnp.asarray(_batch(0)["tokens"])
+    np.testing.assert_array_equal(np.asarray(adapted(tokens)[0]), np.asarray(plain(tokens)[0]))
+
+
+def test_a_step_changes_only_the_adapters_and_the_optimizer_state_is_adapter_sized():
+    cfg = tiny_config(*LORA, *OPT)
+    _, _, params = _models(cfg)
+    flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}  # noqa: E731
+    before = flat(params)  # host copies: the step donates its state
+    step, state = _step(cfg, params)
+    new, _ = step(state, jax.tree.map(jnp.asarray, _batch(1)))
+    after = flat(new.params)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert any("lora_b" in k for k in changed)  # B moved off zero
+    adapters = sum(v.size for k, v in before.items() if "lora_" in k)
+    moments = sum(x.size for x in jax.tree.leaves(new.opt_state) if x.ndim > 0)
+    assert moments == 2 * adapters < sum(v.size for v in before.values())
+
+
+def test_ten_steps_match_hf_with_peft_and_torch_adamw():
+    import peft
+
+    cfg = tiny_config(*LORA, *OPT)
+    _, _, params = _models(cfg)
+    m = cfg.model
+    hf = transformers.AutoModelForCausalLM.from_config(transformers_config(m))
+    hf.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in to_hf_state_dict(lora.strip(params), m).items()})
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    ours_a = {t.name: t.value for t in lora.peft_tensors(jax.tree.map(np.asarray, params), m, cfg.lora)}
+    with torch.no_grad():  # the same adapter start on both sides (A random, B zero)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.from_numpy(ours_a[name.replace(".default", "")].copy()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    torch_opt = torch.optim.AdamW(trainable, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    step, state = _step(cfg, params)
+    ours, theirs = [], []
+    for i in range(10):
+        batch = _batch(100 + i % 2)
+        state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
+        ours.append(float(metrics["loss"]))
+        tokens = torch.from_numpy(batch["tokens"]).long()
+        loss = model(input_ids=tokens, labels=tokens).loss
+        torch_opt.zero_grad()
+        loss.backward()
+        torch_opt.step()
+        theirs.append(float(loss))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+    assert ours[-1] < ours[0]
+
+
+def test_merged_export_and_the_peft_adapter_both_compute_the_adapted_model(tmp_path, small_tokenizer):
+    import peft
+
+    cfg = tiny_config(*LORA, *OPT, f"model.vocab_size={small_tokenizer.vocab_size}")
+    _, _, params = _models(cfg)
+    step, state = _step(cfg, params)
+    for i in range(3):  # adapters away from their start (the state is donated step to step)
+        state, _ = step(state, jax.tree.map(jnp.asarray, _batch(i, vocab=cfg.model.vocab_size)))
+    tuned = jax.tree.map(np.asarray, state.params)
+    write_params_checkpoint(tmp_path / "run", cfg, tuned, small_tokenizer, step=3)
+    base_cfg = tiny_config(*OPT, f"model.vocab_size={small_tokenizer.vocab_size}")
+    write_params_checkpoint(tmp_path / "base", base_cfg, lora.strip(tuned), small_tokenizer, step=0)
+    for args in (["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "merged")],
+                 ["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "adapter"), "--adapter-only"],
+                 ["--checkpoint", str(tmp_path / "base"), "--out", str(tmp_path / "base_hf")]):
+        assert cli.main(["export-hf", *args]) == 0
+    model = create_model(cfg.model, lora=cfg.lora)
+    nnx.update(model, _pure_state(model, tuned))
+    tokens = _batch(9, vocab=cfg.model.vocab_size)["tokens"]
+    ours = np.asarray(model(jnp.asarray(tokens))[0])
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf").eval()
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        for hf in (merged, adapted):
+            np.testing.assert_allclose(hf(torch.from_numpy(tokens).long()).logits.numpy(), ours, atol=1e-4)
+
+
+def _pure_state(model, params):
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, params)
+    return state
+
+
+def test_resume_with_lora_is_bit_identical(tmp_path):
+    from codegen_jax.train.loop import train
+
+    cfg = tiny_config(*LORA, "lora.dropout=0.1", "data.max_docs=60", "model.vocab_size=512", "train.steps=6",
+                      "checkpoint.every=3", "checkpoint.async_save=false", "train.sample_prompts=[]",
+                      "train.eval_every=100")
+    ref = train(cfg, workdir=str(tmp_path / "ref"), samples=False)
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "3", tmp_path / "run" / "checkpoints" / "3")
+    shutil.copytree(tmp_path / "ref" / "tokenizer", tmp_path / "run" / "tokenizer")
+    resumed = train(cfg, workdir=str(tmp_path / "run"), samples=False)
+    assert resumed["losses"] == {s: ref["losses"][s] for s in (4, 5, 6)}  # dropout included
+
+
+def test_plan_counts_adapter_sized_optimizer_state():
+    from codegen_jax.plan import plan
+
+    full, tuned = plan(tiny_config()), plan(tiny_config(*LORA))
+    assert tuned["params_bytes"] > full["params_bytes"]  # the adapters add a little
+    assert tuned["optimizer_bytes"] < full["optimizer_bytes"] / 5 and tuned["grads_bytes"] * 2 == tuned["optimizer_bytes"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lora.enabled=true", "lora.targets=[q,fc]"], "fc is not a projection of this model"),
+    (["lora.enabled=true", "lora.rank=0"], "lora.rank must be positive"),
+])
+def test_bad_lora_settings_are_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(*overrides)
+
+
+def test_adapter_only_export_of_a_run_without_lora_is_one_line(tmp_path, small_tokenizer, capsys):
+    cfg = tiny_config(f"model.vocab_size={small_tokenizer.vocab_size}")
+    write_params_checkpoint(tmp_path / "run", cfg, nnx.to_pure_dict(nnx.state(create_model(cfg.model))),
+                            small_tokenizer, step=0)
+    assert cli.main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "a"),
+                     "--adapter-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not trained with LoRA" in err[0]
