@@ -26,11 +26,12 @@ def test_score_counts_what_parses_and_keeps_the_failures():
     assert all("SyntaxError" in f["error"] for f in report["failures"])
 
 
-def test_default_prompts_are_signatures_with_docstrings_that_parse_when_completed():
+def test_default_prompts_parse_with_a_body_and_empty_bodies_do_not_count():
     assert len(DEFAULT_PROMPTS) >= 20
-    report = score(DEFAULT_PROMPTS, ["\n    pass"] * len(DEFAULT_PROMPTS))
-    assert report["parse_rate"] == 1.0
-    assert score(DEFAULT_PROMPTS, [""] * len(DEFAULT_PROMPTS))["parse_rate"] == 1.0  # a docstring body parses
+    assert score(DEFAULT_PROMPTS, ["\n    return None"] * len(DEFAULT_PROMPTS))["parse_rate"] == 1.0
+    for filler in ("", "\n    pass", "\n    # the the the", '\n    """\n    """'):  # parse, but are not code
+        report = score(DEFAULT_PROMPTS, [filler] * len(DEFAULT_PROMPTS))
+        assert report["parse_rate"] == 0.0 and "empty body" in report["failures"][0]["error"]
 
 
 def test_cli_on_a_checkpoint(tmp_path, capsys, small_tokenizer):

@@ -1,6 +1,7 @@
 """Does the model write code that parses? Greedy completions of function signatures, each cut where the
 function ends (the first non-blank line indented no deeper than its `def`), joined to the prompt and
-given to `ast.parse`; the share accepted is the parse rate (`codegen-jax eval parse`).
+given to `ast.parse`; the share that parses with a real body (a statement besides the docstring, not
+`pass` or a bare constant: comments alone do not count) is the parse rate (`codegen-jax eval parse`).
 
 The default prompts are written for this check (common utility functions, not taken from the standard
 library the tiny model trains on): a signature and a docstring each, with no trailing newline, so the
@@ -69,12 +70,24 @@ def function_end(prompt: str, completion: str) -> str:
 
 
 def parses(code: str) -> str | None:
-    """None when `code` parses as Python, else the error."""
+    """None when `code` parses as Python and its function has a body beyond the docstring (a statement
+    that is not `pass` or `...`: comments alone, which parse, are not code), else what is wrong."""
     try:
-        ast.parse(code)
-        return None
+        tree = ast.parse(code)
     except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
         return f"{type(e).__name__}: {e}"
+    funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if not funcs:
+        return "no function"
+    body = funcs[0].body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]  # the docstring
+    trivial = (ast.Pass,)
+    if not [st for st in body if not isinstance(st, trivial)
+            and not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]:
+        return "empty body: the function has no statement besides its docstring (comments do not count)"
+    return None
 
 
 def score(prompts: Sequence[str], completions: Sequence[str]) -> dict:
