@@ -241,13 +241,27 @@ def _unknown_key(key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'; nearest valid keys: {', '.join(near)}")
 
 
+def _list_override(key: str, text: str) -> list:
+    """`[a, b]` (YAML flow list) or `a,b`. Items YAML cannot read unquoted (globs like `*/tests/*`: `*`
+    starts an alias) are taken as plain strings, as a shell leaves them."""
+    text = text.strip()
+    if not text.startswith("["):
+        return [v for v in text.split(",") if v]
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        if not text.endswith("]"):
+            raise ConfigError(f"config key '{key}': cannot read the list {text!r}; write [a, b]") from None
+        return [v.strip().strip("'\"") for v in text[1:-1].split(",") if v.strip()]
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Convert a YAML value or override string to the field's declared type, or fail naming the key."""
     origin = typing.get_origin(typ)
     if origin is list:
         (item_t,) = typing.get_args(typ)
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = _list_override(key, value)
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
         return [_coerce(key, v, item_t) for v in value]
@@ -469,6 +483,8 @@ def _validate_lora(cfg: Config) -> None:
     if bad or not lo.targets:
         raise ConfigError(f"lora.targets {lo.targets}: {', '.join(bad) or 'empty'} is not a projection of this "
                           f"model (model.mlp={cfg.model.mlp}); choose from {', '.join(valid)}")
+    if len(set(lo.targets)) != len(lo.targets):
+        raise ConfigError(f"lora.targets {lo.targets} names a projection twice; list each once")
 
 
 def mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:

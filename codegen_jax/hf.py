@@ -356,7 +356,7 @@ def _export_adapter(cfg: Any, params: dict, out: Path, dtype: str, checkpoint: A
     tensors = {t.name: t.value.astype(np_dtype) for t in lora.peft_tensors(params, cfg.model, cfg.lora)}
 
     def write(tmp: Path) -> None:
-        hf_io.write_json(tmp / "adapter_config.json", lora.peft_config(cfg.model, cfg.lora, str(checkpoint)))
+        hf_io.write_json(tmp / "adapter_config.json", lora.peft_config(cfg.model, cfg.lora, None))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     if jax.process_index() != 0:

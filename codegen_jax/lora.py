@@ -3,8 +3,8 @@ with `peft.PeftModel`.
 
 A target projection y = x W gains y += (alpha / rank) * (dropout(x) A) B, with A [in..., rank]
 initialised as PEFT does (Kaiming-uniform, bound 1/sqrt(fan_in)) and B [rank, out...] zero, so a fresh
-adapter leaves the model unchanged. A and B are NNX parameters named `lora_a_<target>` /
-`lora_b_<target>` beside their base weight, with the base weight's input / output logical axes (sharded
+adapter leaves the model unchanged. A and B are NNX parameters beside their base weight, named by
+target and shape like it (`lora_a_q_dr` / `lora_b_q_rhk` beside `w_q_dhk`; r the rank), with the base weight's input / output logical axes (sharded
 like it). Training updates them alone: the base weights are frozen and get neither gradients nor
 optimizer state (`trainable`). Export merges them into the base weights (`merge`) or writes PEFT's
 adapter files (`peft_tensors`, `peft_config`).
@@ -31,6 +31,14 @@ TARGETS = {
     "gate": ("mlp", "w_gate_df", 1), "up": ("mlp", "w_up_df", 1), "down": ("mlp", "w_down_fd", 1),  # SwiGLU
     "fc": ("mlp", "w_fc_df", 1), "proj": ("mlp", "w_proj_fd", 1),  # StarCoder2's GELU MLP
 }
+def param_names(target: str) -> tuple[str, str]:
+    """(A, B) attribute names of a target's adapter: its base weight's shape suffix split at the input
+    axes, r (the rank) between them: w_o_hkd -> lora_a_o_hkr, lora_b_o_rd."""
+    _, name, n_in = TARGETS[target]
+    axes = name.rsplit("_", 1)[1]
+    return f"{PREFIX}a_{target}_{axes[:n_in]}r", f"{PREFIX}b_{target}_r{axes[n_in:]}"
+
+
 def targets_of(module_name: str, lora: Any) -> list[str]:
     """The enabled targets that live in the Block's `module_name` ("attn" or "mlp")."""
     if lora is None or not lora.enabled:
@@ -51,9 +59,10 @@ def attach(module: nnx.Module, lora: Any, module_name: str, rngs: nnx.Rngs) -> N
         shape, names = base[...].shape, base.get_metadata()["out_sharding"]
         fan_in = math.prod(shape[:n_in])
         bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(rngs.params(), (*shape[:n_in], lora.rank), base[...].dtype, -bound, bound)
-        setattr(module, f"{PREFIX}a_{t}", nnx.Param(a, out_sharding=(*names[:n_in], "lora")))
-        setattr(module, f"{PREFIX}b_{t}", _param(rngs, (lora.rank, *shape[n_in:]), ("lora", *names[n_in:]),
+        a = jax.random.uniform(rngs.lora(), (*shape[:n_in], lora.rank), base[...].dtype, -bound, bound)
+        a_name, b_name = param_names(t)
+        setattr(module, a_name, nnx.Param(a, out_sharding=(*names[:n_in], "lora")))
+        setattr(module, b_name, _param(rngs, (lora.rank, *shape[n_in:]), ("lora", *names[n_in:]),
                                                  base[...].dtype, std=0.0))
 
 
@@ -67,9 +76,10 @@ def delta(module: nnx.Module, target: str, x: jax.Array, n_in: int, key: jax.Arr
         keep = 1.0 - module.lora_dropout
         x = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, list(TARGETS).index(target)), keep, x.shape),
                       x / keep, 0.0).astype(x.dtype)
-    a = getattr(module, f"{PREFIX}a_{target}")[...].astype(x.dtype)
-    b = getattr(module, f"{PREFIX}b_{target}")[...].astype(x.dtype)
-    return dense(dense(x, a, n_in), b) * jnp.asarray(module.lora_scale, x.dtype)
+    a_name, b_name = param_names(target)
+    a_in_r = getattr(module, a_name)[...].astype(x.dtype)
+    b_r_out = getattr(module, b_name)[...].astype(x.dtype)
+    return dense(dense(x, a_in_r, n_in), b_r_out) * jnp.asarray(module.lora_scale, x.dtype)
 
 
 def is_adapter(path: tuple) -> bool:
@@ -93,6 +103,7 @@ def split(params: dict, mask: Any) -> tuple[dict, dict]:
 
 
 def join(trainable_params: dict, frozen: dict) -> dict:
+    """The params dict `split` took apart."""
     from flax import traverse_util
 
     return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen),
@@ -112,13 +123,14 @@ def merge(params: dict, model_cfg: Any, lora: Any) -> dict:
         for t in lora.targets:
             module, name, n_in = TARGETS[t]
             m = block[module]
-            a, b = m.pop(f"{PREFIX}a_{t}"), m.pop(f"{PREFIX}b_{t}")
+            # float32: numpy's einsum has no bfloat16, and the sum should not round twice
+            a, b = (m.pop(n).astype(np.float32) for n in param_names(t))
             w = m[name]
             lead = a.ndim + b.ndim - 2 - w.ndim  # 1 when layers are stacked, else 0
             # [l?, in..., r] x [l?, r, out...] -> [l?, in..., out...]
-            prod = np.einsum("...ir,...ro->...io", a.reshape(*a.shape[:lead], -1, a.shape[-1]),
-                             b.reshape(*b.shape[:lead], b.shape[lead], -1))
-            m[name] = (w + (lora.alpha / lora.rank) * prod.reshape(w.shape)).astype(w.dtype)
+            ab_io = np.einsum("...ir,...ro->...io", a.reshape(*a.shape[:lead], -1, a.shape[-1]),
+                              b.reshape(*b.shape[:lead], b.shape[lead], -1))
+            m[name] = (w.astype(np.float32) + (lora.alpha / lora.rank) * ab_io.reshape(w.shape)).astype(w.dtype)
     return params
 
 
@@ -132,6 +144,8 @@ def strip(params: dict) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class PeftTensor:
+    """One tensor of adapter_model.safetensors: its PEFT name and value."""
+
     name: str
     value: np.ndarray
 
@@ -148,8 +162,8 @@ def peft_tensors(params: dict, model_cfg: Any, lora: Any) -> list[PeftTensor]:
         block = params["blocks"] if model_cfg.scan_layers else params["blocks"][i]
         for t in lora.targets:
             module, name, n_in = TARGETS[t]
-            a = np.asarray(block[module][f"{PREFIX}a_{t}"])
-            b = np.asarray(block[module][f"{PREFIX}b_{t}"])
+            a_name, b_name = param_names(t)
+            a, b = np.asarray(block[module][a_name]), np.asarray(block[module][b_name])
             if model_cfg.scan_layers:
                 a, b = a[i], b[i]
             base = hf_name[(module, name)].format(i=i).removesuffix(".weight")
@@ -160,8 +174,9 @@ def peft_tensors(params: dict, model_cfg: Any, lora: Any) -> list[PeftTensor]:
     return out
 
 
-def peft_config(model_cfg: Any, lora: Any, base: str) -> dict[str, Any]:
-    """adapter_config.json, as `peft.LoraConfig(...).save_pretrained` writes it."""
+def peft_config(model_cfg: Any, lora: Any, base: str | None) -> dict[str, Any]:
+    """adapter_config.json, as `peft.LoraConfig(...).save_pretrained` writes it; `base` names the base
+    model for `AutoPeftModel` (a hub id or HF directory; None when there is none to name)."""
     from codegen_jax import hf_params
 
     table = hf_params.table_for(model_cfg)

@@ -220,8 +220,8 @@ class Attention(nnx.Module):
         y_bthk = dense(x_btd, w[...].astype(x_btd.dtype))
         if self.cfg.attention_bias:
             y_bthk = y_bthk + getattr(self, bias)[...].astype(x_btd.dtype)
-        if (d := lora_lib.delta(self, target, x_btd, 1, key)) is not None:
-            y_bthk = y_bthk + d
+        if (delta_bthk := lora_lib.delta(self, target, x_btd, 1, key)) is not None:
+            y_bthk = y_bthk + delta_bthk
         return jnp.swapaxes(y_bthk, 1, 2)
 
     def qkv(self, x_btd: jax.Array, positions_bt: jax.Array, key=None
@@ -239,8 +239,8 @@ class Attention(nnx.Module):
         y_btd = dense(o_bthk, self.w_o_hkd[...].astype(o_bhtk.dtype), n_in=2)
         if self.cfg.attention_out_bias:
             y_btd = y_btd + self.b_o_d[...].astype(y_btd.dtype)
-        if (d := lora_lib.delta(self, "o", o_bthk, 2, key)) is not None:
-            y_btd = y_btd + d
+        if (delta_btd := lora_lib.delta(self, "o", o_bthk, 2, key)) is not None:
+            y_btd = y_btd + delta_btd
         return y_btd
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array, key=None
@@ -270,8 +270,8 @@ class Attention(nnx.Module):
 
 def _adapted(module: nnx.Module, target: str, x: jax.Array, y: jax.Array, key) -> jax.Array:
     """y plus the LoRA delta of `target` on x, if the module has that adapter."""
-    d = lora_lib.delta(module, target, x, 1, key)
-    return y if d is None else y + d
+    delta = lora_lib.delta(module, target, x, 1, key)
+    return y if delta is None else y + delta
 
 
 class MLP(nnx.Module):
@@ -496,8 +496,8 @@ def create_model(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, seed: 
     or host ever holds a full unsharded copy)."""
     cfg = resolve_config(cfg, _platform(mesh))
 
-    def make() -> Decoder:
-        return Decoder(cfg, nnx.Rngs(params=seed), lora)
+    def make() -> Decoder:  # adapters draw from their own stream: the base weights match a run without LoRA
+        return Decoder(cfg, nnx.Rngs(params=seed, lora=seed), lora)
 
     with nnx.use_eager_sharding(False):
         graphdef, abs_state = nnx.split(nnx.eval_shape(make))
@@ -512,7 +512,7 @@ def abstract_model(cfg: ModelConfig, platform: str | None = None, lora: Any = No
     `platform` resolves `attention: auto` (default: this process's backend)."""
     cfg = resolve_config(cfg, platform or jax.default_backend())
     with nnx.use_eager_sharding(False):
-        return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0), lora)))
+        return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0, lora=0), lora)))
 
 
 def param_count(cfg: ModelConfig) -> int:

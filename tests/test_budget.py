@@ -60,3 +60,29 @@ def test_a_wsd_schedule_fixes_its_length_late_and_decays_where_the_budget_ends(t
     implied = schedule(tiny_config(*BASE, "optim.schedule=wsd", "optim.warmup_steps=3",
                                    f"optim.schedule_steps={n}").optim, n)
     assert lrs == pytest.approx({k: float(implied(k - 1)) for k in range(1, n + 1)}, rel=1e-6)
+
+
+def test_due_waits_for_the_late_fraction_or_the_decay_and_fit_counts_evaluations():
+    from codegen_jax.train import budget
+
+    cfg = tiny_config("optim.schedule=wsd", "optim.warmup_steps=10", "train.steps=1000", "train.time_budget_s=100",
+                      "train.eval_every=100")
+    assert not budget.due(cfg, 10, 90.0, 0)  # still in the warmup
+    assert not budget.due(cfg, 50, 0.34 * 100, 0) and budget.due(cfg, 50, 0.35 * 100, 0)
+    decay_start = 1000 - int((1000 - 10) * cfg.optim.decay_fraction)
+    assert budget.due(cfg, decay_start - 1, 0.0, 0)  # the provisional decay must not start unfixed
+    # 40 s left at 0.5 s per step plus a 2 s evaluation per 100 steps and one at the end: 38 / 0.52
+    assert budget.fit(cfg, 60.0, 0.5, 2.0, 50) == 50 + int(38 // 0.52)
+    assert budget.fit(cfg, 99.0, 0.5, 2.0, 50) >= 50  # out of time: never shorter than what ran
+    early = tiny_config("optim.schedule=cosine", "optim.warmup_steps=10", "train.time_budget_s=100")
+    assert budget.due(early, 7, 0.0, 7) and not budget.due(early, 8, 99.0, 7)
+
+
+def test_a_restart_before_the_length_is_fixed_counts_the_budget_already_spent(tmp_path):
+    from codegen_jax.train import budget
+
+    budget.record_spent(tmp_path, 42.5)
+    assert budget.spent(tmp_path) == 42.5 and budget.recorded(tmp_path) is None
+    budget.record(tmp_path, 77, step_s=0.5)
+    assert budget.recorded(tmp_path)["steps"] == 77 and budget.spent(tmp_path) == 0.0
+    assert budget.spent(tmp_path / "new") == 0.0

@@ -54,3 +54,18 @@ def test_cli_on_a_checkpoint(tmp_path, capsys, small_tokenizer):
     report = json.loads(out.read_text())
     assert report["total"] == 4 and f"({report['parsed']} of 4 greedy function completions" in printed
     assert len(report["results"]) == 4 and all(r["prompt"] == p for r, p in zip(report["results"], DEFAULT_PROMPTS))
+
+
+def test_the_completed_function_is_judged_not_a_helper_before_it():
+    helper = 'def helper(x):\n    return x\n\n\ndef f(x):\n    """Double x."""'
+    assert score([helper], ["\n    return helper(x) * 2"])["parse_rate"] == 1.0
+    report = score([helper], ["\n    pass"])  # the helper's body does not make f's count
+    assert report["parse_rate"] == 0.0 and "empty body" in report["failures"][0]["error"]
+
+
+def test_a_prompts_file_line_without_a_def_is_one_line(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n" + json.dumps({"prompt": "x = 1"}) + "\n")
+    assert cli.main(["eval", "parse", "--checkpoint", str(tmp_path / "none"), "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 2 has no 'def'" in err[0]

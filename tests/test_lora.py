@@ -63,9 +63,24 @@ def _step(cfg, params):
 
 def test_fresh_adapters_leave_the_logits_unchanged():
     cfg = tiny_config(*LORA)
-    plain, adapted, _ = _models(cfg)
+    plain = create_model(cfg.model, seed=3)
+    adapted = create_model(cfg.model, seed=3, lora=cfg.lora)  # its own base weights, not copied in
     tokens = jnp.asarray(_batch(0)["tokens"])
     np.testing.assert_array_equal(np.asarray(adapted(tokens)[0]), np.asarray(plain(tokens)[0]))
+    names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(adapted)))}
+    assert "['blocks']['attn']['lora_a_o_hkr']" in names and "['blocks']['mlp']['lora_b_down_rd']" in names
+
+
+def test_adapter_dropout_acts_in_training_only():
+    cfg = tiny_config("lora.enabled=true", "lora.rank=4", "lora.dropout=0.5", "lora.targets=[q]", "model.scan_layers=false")
+    model = create_model(cfg.model, seed=3, lora=cfg.lora)
+    attn = model.blocks[0].attn
+    nnx.update(attn, nnx.State({"lora_b_q_rhk": nnx.Param(jnp.ones_like(attn.lora_b_q_rhk[...]))}))
+    x_btd = jax.random.normal(jax.random.key(0), (2, 8, cfg.model.d_model))
+    plain = lora.delta(attn, "q", x_btd, 1, None)
+    dropped = lora.delta(attn, "q", x_btd, 1, jax.random.key(1))
+    assert not np.allclose(plain, dropped)
+    np.testing.assert_array_equal(dropped, lora.delta(attn, "q", x_btd, 1, jax.random.key(1)))  # keyed
 
 
 def test_a_step_changes_only_the_adapters_and_the_optimizer_state_is_adapter_sized():
@@ -117,17 +132,23 @@ def test_ten_steps_match_hf_with_peft_and_torch_adamw():
     assert ours[-1] < ours[0]
 
 
-def test_merged_export_and_the_peft_adapter_both_compute_the_adapted_model(tmp_path, small_tokenizer):
+STARCODER2 = ["model.norm=layer", "model.mlp=gelu_tanh", "model.attention_bias=true", "model.attention_out_bias=true",
+              "model.mlp_bias=true", "lora.targets=[q,k,v,o,fc,proj]"]
+
+
+@pytest.mark.parametrize("arch", [[], [*STARCODER2, "model.scan_layers=false"]], ids=["llama", "starcoder2-unscanned"])
+def test_merged_export_and_the_peft_adapter_both_compute_the_adapted_model(tmp_path, small_tokenizer, arch):
     import peft
 
-    cfg = tiny_config(*LORA, *OPT, f"model.vocab_size={small_tokenizer.vocab_size}")
+    cfg = tiny_config(*LORA, *OPT, *arch, f"model.vocab_size={small_tokenizer.vocab_size}")
     _, _, params = _models(cfg)
     step, state = _step(cfg, params)
     for i in range(3):  # adapters away from their start (the state is donated step to step)
         state, _ = step(state, jax.tree.map(jnp.asarray, _batch(i, vocab=cfg.model.vocab_size)))
     tuned = jax.tree.map(np.asarray, state.params)
     write_params_checkpoint(tmp_path / "run", cfg, tuned, small_tokenizer, step=3)
-    base_cfg = tiny_config(*OPT, f"model.vocab_size={small_tokenizer.vocab_size}")
+    base_cfg = tiny_config(*OPT, *[o for o in arch if not o.startswith("lora.")],
+                           f"model.vocab_size={small_tokenizer.vocab_size}")
     write_params_checkpoint(tmp_path / "base", base_cfg, lora.strip(tuned), small_tokenizer, step=0)
     for args in (["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "merged")],
                  ["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "adapter"), "--adapter-only"],
@@ -175,6 +196,7 @@ def test_plan_counts_adapter_sized_optimizer_state():
 @pytest.mark.parametrize("overrides, message", [
     (["lora.enabled=true", "lora.targets=[q,fc]"], "fc is not a projection of this model"),
     (["lora.enabled=true", "lora.rank=0"], "lora.rank must be positive"),
+    (["lora.enabled=true", "lora.targets=[q,v,q]"], "names a projection twice"),
 ])
 def test_bad_lora_settings_are_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -189,3 +211,26 @@ def test_adapter_only_export_of_a_run_without_lora_is_one_line(tmp_path, small_t
                      "--adapter-only"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not trained with LoRA" in err[0]
+
+
+def test_resuming_with_another_lora_section_is_one_line():
+    from codegen_jax.errors import UserError
+    from codegen_jax.train.loop import _check_model_compatible
+
+    saved = tiny_config(*LORA).to_dict()
+    _check_model_compatible(saved, tiny_config(*LORA), "checkpoint in X")  # the same: fine
+    with pytest.raises(UserError, match=r"lora.rank: 4 there, 8 here.*--init-from"):
+        _check_model_compatible(saved, tiny_config(*LORA, "lora.rank=8"), "checkpoint in X")
+    with pytest.raises(UserError, match="lora.enabled: True there, False here"):
+        _check_model_compatible(saved, tiny_config(), "checkpoint in X")
+
+
+def test_merge_of_bfloat16_weights_sums_in_float32():
+    cfg = tiny_config(*LORA, "lora.targets=[q,o]")
+    full = nnx.to_pure_dict(nnx.state(create_model(cfg.model, seed=1, lora=cfg.lora)))
+    full = jax.tree.map(lambda x: np.asarray(x) + 0.01, full)  # B off zero
+    as_bf16 = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), full)
+    want, got = lora.merge(full, cfg.model, cfg.lora), lora.merge(as_bf16, cfg.model, cfg.lora)
+    w_q = lambda p: p["blocks"]["attn"]["w_q_dhk"] if cfg.model.scan_layers else p["blocks"][0]["attn"]["w_q_dhk"]  # noqa: E731
+    assert w_q(got).dtype == jnp.bfloat16
+    np.testing.assert_allclose(w_q(got).astype(np.float32), w_q(want), rtol=2e-2, atol=2e-3)

@@ -76,10 +76,11 @@ def parses(code: str) -> str | None:
         tree = ast.parse(code)
     except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
         return f"{type(e).__name__}: {e}"
-    funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    funcs = _outer_functions(tree)
     if not funcs:
         return "no function"
-    body = funcs[0].body
+    # the completed function is the last one not nested in another: helpers may precede it in the prompt
+    body = max(funcs, key=lambda f: f.lineno).body
     if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
             and isinstance(body[0].value.value, str):
         body = body[1:]  # the docstring
@@ -88,6 +89,18 @@ def parses(code: str) -> str | None:
             and not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]:
         return "empty body: the function has no statement besides its docstring (comments do not count)"
     return None
+
+
+def _outer_functions(tree: ast.AST) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    """Functions not defined inside another function (module level, or methods of classes)."""
+    out, todo = [], [tree]
+    while todo:
+        for child in ast.iter_child_nodes(todo.pop()):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                out.append(child)
+            else:
+                todo.append(child)
+    return out
 
 
 def score(prompts: Sequence[str], completions: Sequence[str]) -> dict:
@@ -109,6 +122,8 @@ def load_prompts(path: str | os.PathLike | None) -> list[str]:
     rows = [obj for _, obj in read_jsonl(path, "prompts")]
     if not rows or not all(isinstance(r.get("prompt"), str) for r in rows):
         raise UserError(f"prompts file {path} needs a string 'prompt' on every line")
+    if bad := [i + 1 for i, r in enumerate(rows) if not re.search(r"^\s*(async\s+)?def ", r["prompt"], re.M)]:
+        raise UserError(f"prompts file {path}: line {bad[0]} has no 'def': each prompt starts a function to complete")
     return [r["prompt"] for r in rows]
 
 

@@ -10,7 +10,8 @@ measured pace, evaluations included, at most `train.steps`. When that happens de
   the warmup, after `probe_steps` steps.
 Either way the steps before the fix follow the schedule of the final length, and the number is written
 to WORKDIR/budget.json before training goes on: a restarted run reads it back instead of measuring
-again, so a resumed run follows the same schedule as one never stopped (exact resume holds).
+again, so a resumed run follows the same schedule as one never stopped (exact resume holds). Until then each
+checkpoint records the budget spent so far, and a restart counts it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def due(cfg: Config, step: int, elapsed_s: float, probe: int) -> bool:
 def recorded(workdir: Any) -> dict | None:
     """The length an earlier start of this run fixed, if any."""
     path = storage.path(workdir) / BUDGET_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    found = json.loads(path.read_text()) if path.exists() else {}
+    return found if "steps" in found else None
 
 
 def fit(cfg: Config, elapsed_s: float, step_s: float, eval_s: float, done: int) -> int:
@@ -81,7 +83,20 @@ def _decay_after(cfg: Config, done: int) -> int:
 
 
 def record(workdir: Any, steps: int, **measured: float) -> None:
+    """Fix the run's length: `recorded` returns it from now on."""
     (storage.path(workdir) / BUDGET_FILE).write_text(json.dumps({"steps": steps, **measured}, indent=2) + "\n")
+
+
+def record_spent(workdir: Any, spent_s: float) -> None:
+    """Before the length is fixed: the budget spent up to the checkpoint just saved (a restart from
+    it has only the rest)."""
+    (storage.path(workdir) / BUDGET_FILE).write_text(json.dumps({"spent_s": spent_s}) + "\n")
+
+
+def spent(workdir: Any) -> float:
+    """The budget an earlier start spent before its last checkpoint (0 for a new run)."""
+    path = storage.path(workdir) / BUDGET_FILE
+    return float(json.loads(path.read_text()).get("spent_s", 0.0)) if path.exists() else 0.0
 
 
 def with_steps(cfg: Config, steps: int) -> Config:

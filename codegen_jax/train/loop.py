@@ -24,7 +24,7 @@ from flax import nnx
 from codegen_jax import checkpoint as ckpt
 from codegen_jax import distributed, lora, storage
 from codegen_jax.train import budget
-from codegen_jax.config import Config, ModelConfig, check_batch, mesh_shape
+from codegen_jax.config import Config, LoraConfig, ModelConfig, check_batch, mesh_shape
 from codegen_jax.data.pipeline import make_iterator
 from codegen_jax.data.tokenizer import CodeTokenizer, get_tokenizer
 from codegen_jax.errors import UserError
@@ -63,9 +63,14 @@ def _check_model_compatible(saved: dict, cfg: Config, source: str, layout_matter
     there = {k: saved["model"].get(k, getattr(default, k)) for k in shape_keys}
     diffs = [f"model.{k}: {there[k]} there, {getattr(cfg.model, k)} here"
              for k in shape_keys if there[k] != getattr(cfg.model, k)]
+    if layout_matters:  # resuming: the adapters in the checkpoint are this run's
+        lora_keys = ("enabled", "rank", "alpha", "targets")
+        was = {k: saved.get("lora", {}).get(k, getattr(LoraConfig(), k)) for k in lora_keys}
+        diffs += [f"lora.{k}: {was[k]} there, {getattr(cfg.lora, k)} here"
+                  for k in lora_keys if was[k] != getattr(cfg.lora, k)]
     if diffs:
         raise UserError(f"{source} holds a different model ({'; '.join(diffs)}); use the same model "
-                        "settings or another --workdir")
+                        "settings, another --workdir, or --init-from to start a new run from it")
 
 
 def _shared_tokenizer(cfg: Config, workdir: Any) -> CodeTokenizer:
@@ -129,7 +134,10 @@ def _setup(cfg: Config, workdir: Any, init_from: str | None, progress: Progress)
     elif init_from:
         src_cfg, src_params, _, step = ckpt.load_params(init_from, mesh)
         _check_model_compatible(src_cfg.to_dict(), cfg, f"--init-from {init_from}", layout_matters=False)
-        src_params = layer_layout(lora.strip(src_params), src_cfg.model.scan_layers, cfg.model.scan_layers)
+        # a LoRA source contributes its adapted weights (adapters merged), not its bare base
+        src_params = (lora.merge(src_params, src_cfg.model, src_cfg.lora) if src_cfg.lora.enabled
+                      else lora.strip(src_params))
+        src_params = layer_layout(src_params, src_cfg.model.scan_layers, cfg.model.scan_layers)
         if cfg.lora.enabled:  # the source's weights, this run's fresh adapters (B = 0: the same function)
             src_params = lora.join(lora.split(params, lora.trainable(params, cfg.lora))[0], src_params)
         state = TrainState(state.step, jax.device_put(src_params, state_sh.params), opt_state)
@@ -209,6 +217,21 @@ def sample_texts(run: _Run, gen: Any = None) -> list[str]:
     return [prompt + out[0].text for prompt, out in zip(prompts, outs)]
 
 
+def _budget_due(cfg: Config, step: int, started: float, probe: int) -> bool:
+    """`budget.due`, the same on every process: the parts that depend on the clock (which differs from
+    host to host) are decided by process 0, every `train.log_every` steps, and broadcast."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return budget.due(cfg, step, time.perf_counter() - started, probe)
+    if budget.due(cfg, step, 0.0, probe):  # the step-only conditions
+        return True
+    if not budget.late(cfg) or step % cfg.train.log_every:
+        return False
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(budget.due(cfg, step, time.perf_counter() - started,
+                                                                         probe))))
+
+
 def _fix_length(run: _Run, step_times: list[float], started: float, progress: Progress) -> Config:
     """After the timed first steps of a budgeted run: the steps the budget holds, recorded in the
     workdir (process 0 decides, everyone follows), and the train step rebuilt for that schedule."""
@@ -259,6 +282,8 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
     fixed = budget.recorded(path) if cfg.train.time_budget_s > 0 else None
     if fixed is not None:
         cfg = budget.with_steps(cfg, fixed["steps"])
+    elif cfg.train.time_budget_s > 0:  # a restart before the length was fixed: the budget already spent counts
+        started -= budget.spent(path)
     run = _setup(cfg, path, init_from, progress)
     # a budget not fixed yet is fixed when `budget.due` (for early schedules after the probe steps,
     # or, resuming a run that crashed before it recorded one, after this start's first step)
@@ -288,7 +313,7 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
                                 f"{last_saved}) is intact; lower optim.lr or set train.nan_policy=skip")
             losses[step] = float(m["loss"])
             step_times.append(time.perf_counter() - t_step)
-            if pending and budget.due(cfg, step, time.perf_counter() - started, probe):
+            if pending and _budget_due(cfg, step, started, probe):
                 cfg, pending = _fix_length(run, step_times, started, progress), False
             info = {}
             if window_start is None:  # the first step compiles: keep it out of the throughput window
@@ -307,6 +332,8 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or preempt.signal:
                 _save(run, step)
                 last_saved = step
+                if pending and distributed.is_main():
+                    budget.record_spent(run.workdir, time.perf_counter() - started)
             if step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0:
                 window_start, window_steps = time.perf_counter(), 0
             if preempt.signal:
