@@ -91,7 +91,8 @@ def learning(base: str, steps: int) -> None:
     common = ["data.pair_ratio=1.0", f"train.steps={steps}", "train.time_budget_s=0", "optim.schedule=cosine",
               "optim.warmup_steps=10", "train.eval_every=100000", "train.eval_batches=16",
               "checkpoint.every=100000", "train.sample_prompts=[]", "train.parse_eval=false"]
-    runs = {"before": ["optim.lr=0", "train.steps=1", "optim.warmup_steps=0"],  # lr 0: the base unchanged
+    # before: one step of fresh adapters (B = 0) at a vanishing learning rate, i.e. the base as it is
+    runs = {"before": [*LORA, "optim.lr=1e-12", "train.steps=1", "optim.warmup_steps=0"],
             "full FT": ["optim.lr=1e-3"], "LoRA r16": [*LORA, "optim.lr=5e-3"]}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in runs.items():

@@ -102,9 +102,12 @@ def self_attention(kind: str, q_bhtk: jax.Array, k_bgtk: jax.Array, v_bgtk: jax.
     return causal_attention(q_bhtk, k_bgtk, v_bgtk, segment_ids_bt, window)
 
 
-def resolve(kind: str, platform: str) -> str:
+def resolve(kind: str, platform: str, dtype: str = "bfloat16") -> str:
     """`auto` -> the kernel for `platform` (the devices programs are built for; a TPU topology compiled
-    on a CPU host is "tpu"): splash on TPU, cuDNN on GPU, the blockwise XLA kernel elsewhere."""
+    on a CPU host is "tpu"): splash on TPU, cuDNN on GPU (bf16/fp16 compute only: cuDNN's fused
+    attention has no fp32), the blockwise XLA kernel elsewhere."""
     if kind != "auto":
         return kind
-    return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
+    if platform in ("gpu", "cuda"):
+        return "cudnn" if dtype in ("bfloat16", "float16") else "xla"
+    return {"tpu": "splash"}.get(platform, "xla")

@@ -43,12 +43,13 @@ class Architecture:
     max_positions: int  # max_position_embeddings
     tie_embeddings: bool = False  # tie_word_embeddings
     kv_heads: int | None = None  # num_key_value_heads (None: num_attention_heads)
+    window: int | None = None  # sliding_window when the key is absent (an explicit null is no window)
 
 
 ARCHITECTURES = {
     "LlamaForCausalLM": Architecture("llama", 2048),
-    "MistralForCausalLM": Architecture("mistral", 131072),
-    "Qwen2ForCausalLM": Architecture("qwen2", 32768),
+    "MistralForCausalLM": Architecture("mistral", 131072, window=4096),
+    "Qwen2ForCausalLM": Architecture("qwen2", 32768, window=4096),  # used with use_sliding_window
     "Starcoder2ForCausalLM": Architecture("starcoder2", 4096, tie_embeddings=True, kv_heads=2),
 }
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # HF rope_type -> model.rope_scaling ("none")
@@ -104,7 +105,9 @@ def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
 def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, pad_id: int | None, dtype: str
               ) -> dict[str, Any]:
     """`config.json` for our model: read the same by transformers 5 (`rope_parameters`, `dtype`) and by
-    4.x readers (top-level `rope_theta`, `rope_scaling`, `torch_dtype`)."""
+    4.x readers (top-level `rope_theta`, `rope_scaling`, `torch_dtype`), except yarn: transformers
+    4.48-4.57 replace `factor` by max_position_embeddings / original_max_position_embeddings, which
+    agrees only when model.max_seq_len = rope_factor x rope_original_max_seq_len."""
     arch = export_architecture(cfg)
     window, rope = _export_window(cfg), _rope_parameters(cfg)
     out: dict[str, Any] = {
@@ -218,7 +221,7 @@ def _sliding_window(hf: dict[str, Any], arch: str, n_layers: int, max_pos: int) 
     causal attention). One window for every layer: a Qwen2 that mixes sliding and full layers is refused."""
     if arch == "LlamaForCausalLM":
         return 0  # Llama has no sliding window (transformers ignores the key)
-    window = hf.get("sliding_window")
+    window = hf["sliding_window"] if "sliding_window" in hf else ARCHITECTURES[arch].window
     if arch == "Qwen2ForCausalLM":
         if not hf.get("use_sliding_window", False):
             return 0  # Qwen2Config drops the window then
@@ -336,7 +339,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32", *
         for _ in arrays:
             pass
         return out
-    return hf_io.write_atomically(out, write)
+    return hf_io.write_atomically(out, write, collective=False)  # the others are not in here
 
 
 def _gathered(x: Any) -> np.ndarray:
@@ -361,7 +364,7 @@ def _export_adapter(cfg: Any, params: dict, out: Path, dtype: str, checkpoint: A
 
     if jax.process_index() != 0:
         return out
-    return hf_io.write_atomically(out, write)
+    return hf_io.write_atomically(out, write, collective=False)  # the others are not in here
 
 
 def _to_host(params: Any, t: hf_params.Tensor, dtype: np.dtype) -> np.ndarray:

@@ -183,19 +183,21 @@ def check_empty_out(out: Path, flag: str) -> None:
                         "(nothing is ever overwritten)")
 
 
-def write_atomically(out: Path, write: Callable[[Path], T]) -> T:
+def write_atomically(out: Path, write: Callable[[Path], T], collective: bool = True) -> T:
     """Run `write(tmp)` on a fresh hidden sibling of `out`, then move it into place: a crash or error
     never leaves a half-written `out` (an empty `out` is replaced, anything else was refused before).
-    The sibling's name is the same in every process, so a multi-process writer (Orbax) shares it."""
+    The sibling's name is the same in every process, so a multi-process writer (Orbax) shares it;
+    `collective=False`: process 0 alone calls this (the others must not wait for it)."""
+    sync = _sync if collective else (lambda name: None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     if jax_process_index() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # ours: left by a crashed earlier attempt
         tmp.mkdir()
-    _sync("codegen_jax_write_atomically_start")
+    sync("codegen_jax_write_atomically_start")
     try:
         result = write(tmp)
-        _sync("codegen_jax_write_atomically_done")
+        sync("codegen_jax_write_atomically_done")
         if jax_process_index() == 0:
             if out.is_dir():
                 out.rmdir()  # empty: checked before we started

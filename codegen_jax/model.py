@@ -482,7 +482,7 @@ class Decoder(nnx.Module):
 
 def resolve_config(cfg: ModelConfig, platform: str) -> ModelConfig:
     """The config with `attention: auto` replaced by the kernel for `platform`."""
-    return dataclasses.replace(cfg, attention=attention.resolve(cfg.attention, platform))
+    return dataclasses.replace(cfg, attention=attention.resolve(cfg.attention, platform, cfg.dtype))
 
 
 def _platform(mesh: jax.sharding.Mesh | None) -> str:

@@ -56,7 +56,8 @@ def shard_bytes(cfg: Config, sizes: dict[str, int], trained_only: bool = False) 
 
 def activation_bytes(cfg: Config, sizes: dict[str, int]) -> int:
     """Analytic per-device activation memory of one microbatch's forward+backward (Korthikanti et al.
-    2022 per-layer counts, scaled to our compute dtype), plus fp32 logits and their gradient."""
+    2022 per-layer counts, scaled to our compute dtype), plus fp32 logits and their gradient (of one
+    `train.loss_chunk` of positions at a time when it is set)."""
     m = cfg.model
     b = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"]) // cfg.optim.grad_accum
     t, d, f, h = cfg.data.seq_len, m.d_model, m.d_ff, m.n_heads
@@ -66,7 +67,8 @@ def activation_bytes(cfg: Config, sizes: dict[str, int]) -> int:
     saved = {"none": full_layer * m.n_layers,
              "dots_saveable": b * t * (4 * d + (2 * h * m.head_dim + 3 * f) / tp) * elem * m.n_layers + full_layer,
              "full": b * t * d * elem * m.n_layers + full_layer}[m.remat]
-    logits = 2 * b * t * m.vocab_size * 4 / tp
+    logit_t = min(t, cfg.train.loss_chunk) if cfg.train.loss_chunk > 0 else t
+    logits = 2 * b * logit_t * m.vocab_size * 4 / tp
     return int(saved + logits)
 
 
@@ -90,10 +92,11 @@ def _compile_step_temp_bytes(cfg: Config, mesh) -> int:
     opt = make_optimizer(cfg.optim, cfg.train.steps)
     state_sh, state = train_state_layout(abs_state, opt, mesh, cfg.lora)
     step = make_train_step(graphdef, opt, schedule(cfg.optim, cfg.train.steps), mesh, state_sh,
-                           cfg.optim.grad_accum, cfg.optim.z_loss, lora_cfg=cfg.lora)
+                           cfg.optim.grad_accum, cfg.optim.z_loss, loss_chunk=cfg.train.loss_chunk, lora_cfg=cfg.lora)
     batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32)
              for k in ("tokens", "segment_ids", "positions", "loss_mask")}
-    return int(step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes)
+    with jax.set_mesh(mesh):  # as training traces it (sharding.on_mesh)
+        return int(step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes)
 
 
 def plan(cfg: Config, devices: int | None = None) -> dict[str, Any]:

@@ -77,6 +77,20 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
 
 
+def on_mesh(fn: Any, mesh: Mesh) -> Any:
+    """`fn` called (and so traced) with `mesh` as the context mesh: a `jit` with in_shardings alone leaves
+    it empty, and then `constrain` and splash attention's `shard_map` do nothing (the TPU plan compiles
+    under the mesh: training must run what it compiled)."""
+    import functools
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 def state_shardings(abs_state: Any, mesh: Mesh) -> Any:
     """NamedShardings for an (abstract) nnx State from each Variable's logical `out_sharding`."""
     from flax import nnx

@@ -94,3 +94,35 @@ def small_tokenizer(code_corpus):
     texts = [p.read_text() for p in sorted(code_corpus.rglob("*.py"))]
     texts.append(Path(textwrap.__file__).read_text())
     return train_tokenizer(texts, 512)
+
+
+def losses_side_by_side(step, state, torch_model, torch_opt, batches) -> tuple[list[float], list[float]]:
+    """(ours, torch's) training losses of the same batches, one optimizer step each: our jitted `step`
+    from `state`, and `torch_model` (labels = inputs, as our loss) with `torch_opt`."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    ours, theirs = [], []
+    for batch in batches:
+        state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
+        ours.append(float(metrics["loss"]))
+        tokens = torch.from_numpy(batch["tokens"]).long()
+        loss = torch_model(input_ids=tokens, labels=tokens).loss
+        torch_opt.zero_grad()
+        loss.backward()
+        torch_opt.step()
+        theirs.append(float(loss.detach()))
+    return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: torch's thread pool only adds contention (decoding is ~20x faster on one thread).
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

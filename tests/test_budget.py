@@ -38,6 +38,7 @@ def test_a_tiny_budget_ends_at_a_checkpoint_with_its_schedule_and_a_restart_foll
     assert b["losses"] == a["losses"]
     again = train(cfg, workdir=str(tmp_path / "a"), samples=False)
     assert again["losses"] == {} and again["steps"] == 5
+    assert "steps: 5" in (tmp_path / "a" / "config.yaml").read_text()  # a restart keeps the fixed length
 
 
 def test_a_budget_needs_a_warmup_it_can_time_inside(tmp_path):
@@ -78,11 +79,15 @@ def test_due_waits_for_the_late_fraction_or_the_decay_and_fit_counts_evaluations
     assert budget.due(early, 7, 0.0, 7) and not budget.due(early, 8, 99.0, 7)
 
 
-def test_a_restart_before_the_length_is_fixed_counts_the_budget_already_spent(tmp_path):
+def test_a_restart_counts_the_budget_spent_and_a_new_request_is_measured_again(tmp_path):
     from codegen_jax.train import budget
 
+    cfg = tiny_config("train.time_budget_s=100", "train.steps=1000")
     budget.record_spent(tmp_path, 42.5)
-    assert budget.spent(tmp_path) == 42.5 and budget.recorded(tmp_path) is None
-    budget.record(tmp_path, 77, step_s=0.5)
-    assert budget.recorded(tmp_path)["steps"] == 77 and budget.spent(tmp_path) == 0.0
+    assert budget.spent(tmp_path) == 42.5 and budget.recorded(tmp_path, cfg) is None
+    budget.record(tmp_path, 77, cfg, step_s=0.5)
+    assert budget.recorded(tmp_path, cfg)["steps"] == 77 and budget.spent(tmp_path) == 0.0
     assert budget.spent(tmp_path / "new") == 0.0
+    # asked for more steps (training on) or another budget: measured again, not held to the old length
+    assert budget.recorded(tmp_path, tiny_config("train.time_budget_s=100", "train.steps=2000")) is None
+    assert budget.recorded(tmp_path, tiny_config("train.time_budget_s=200", "train.steps=1000")) is None

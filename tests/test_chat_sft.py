@@ -82,3 +82,32 @@ def test_an_unknown_role_is_one_line_and_exit_2(tmp_path, capsys, small_tokenize
     assert cli.main(["data", "inspect", "--config", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "role 'wizard' is not one of system, user, assistant" in err[0]
+
+
+def _templated(tmp_path, small_tokenizer, template):
+    from transformers import AutoTokenizer
+
+    from codegen_jax.data.tokenizer import load_tokenizer
+
+    small_tokenizer.save(tmp_path / "ours")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "ours")
+    hf.chat_template = template
+    hf.save_pretrained(tmp_path / "tok")
+    return load_tokenizer(tmp_path / "tok")
+
+
+def test_a_template_that_rewrites_earlier_turns_or_refuses_a_row_is_a_user_error(tmp_path, small_tokenizer):
+    import pytest
+
+    from codegen_jax.data.examples import Chat, chat_example
+    from codegen_jax.errors import UserError
+
+    chat = Chat(tuple((m["role"], m["content"]) for m in CHATS[1]))
+    # shows only the last assistant turn in full: rendering up to a turn is not a prefix of the whole
+    rewriting = _templated(tmp_path / "a", small_tokenizer, "{% for m in messages %}{% if loop.last %}"
+                           "{{ m.content }}{% else %}{{ m.role }}{% endif %};{% endfor %}")
+    with pytest.raises(UserError, match="renders earlier turns differently"):
+        chat_example(rewriting, chat)
+    refusing = _templated(tmp_path / "b", small_tokenizer, "{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(UserError, match="refuses a chat row.*roles must alternate"):
+        chat_example(refusing, chat)

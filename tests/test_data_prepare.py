@@ -248,6 +248,9 @@ def test_bad_input_is_one_line_and_exit_2(planted, prepared, tmp_path, capsys, m
     assert "path not found" in _one_error_line(capsys, base + ["data.source=files", "data.paths=[/no/such/dir]"])
     assert "did you mean python" in _one_error_line(capsys, base + ok + ["data.languages=[pyhton]"])
     assert "--executor must be one of local, slurm, ray" in _one_error_line(capsys, base + ok + ["--executor", "k8s"])
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert "chat rows" in _one_error_line(capsys, base + ["data.source=datasets", f"data.paths=[{chats}]"])
     if shutil.which("sbatch") is None:
         assert "sbatch" in _one_error_line(capsys, base + ok + ["--executor", "slurm", "--partition", "cpu"])
     real = importlib.util.find_spec

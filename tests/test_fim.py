@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import pytest
 
 from codegen_jax.config import Config, DataConfig
 from codegen_jax.data import examples, pipeline
@@ -51,6 +50,16 @@ def test_fim_split_cuts_at_two_points_and_the_orders_keep_every_piece(small_toke
     assert mask[0] == 0 and mask[1:].all()  # the loss covers every token of a FIM example
 
 
+def test_an_editors_fim_prompt_is_the_start_of_a_psm_training_example(small_tokenizer):
+    """What `serve` receives (literal FIM tokens in a prompt, or a `suffix` it writes the same way) is
+    encoded exactly as training laid out a PSM example, up to its middle."""
+    tok, pre, suf = small_tokenizer, "def area(r):\n    return ", "\n\nprint(area(2))\n"
+    prompt = tok.prompt_ids(f"<fim_prefix>{pre}<fim_suffix>{suf}<fim_middle>")
+    trained, _ = examples.encode_batch(tok, [examples.FimDoc(pre, "3.14 * r * r", suf, False)])[0]
+    assert prompt == trained[:len(prompt)].tolist()
+    assert prompt == [tok.bos_id, tok.fim.prefix, *tok.encode(pre), tok.fim.suffix, *tok.encode(suf), tok.fim.middle]
+
+
 def _fim_rows(batches, tok):
     rows = [b["tokens"][r] for b in batches for r in range(b["tokens"].shape[0])]
     return sum(int((row == tok.fim.prefix).sum()) for row in rows), rows
@@ -93,5 +102,4 @@ def test_a_tokenizer_without_fim_tokens_trains_left_to_right(code_corpus, tmp_pa
 
     old = load_tokenizer("tests/fixtures/run_v1/tokenizer")  # made before FIM tokens existed
     assert old.fim is None and not pipeline.fim_active(_cfg(code_corpus, fim_rate=0.5), old, "train")
-    with pytest.raises(AttributeError):
-        old.fim.prefix
+    assert old.encode_with_fim("<fim_prefix>x") == old.encode("<fim_prefix>x")  # plain text to it

@@ -70,12 +70,7 @@ CASES = {
 GREEDY = [c for c in CASES if not c.startswith("mistral")]  # Mistral's window decodes as StarCoder2's
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one torch thread
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +307,13 @@ def test_model_config_round_trips_through_config_json(changes):
     rotary = transformers.AutoModelForCausalLM.from_config(transformers_config(m)).model.rotary_emb
     _assert_same_inv_freq(rope_inv_freq(m), rotary.inv_freq)
     assert rope_attention_scale(m) == pytest.approx(rotary.attention_scaling, rel=1e-12)
+
+
+def test_a_missing_sliding_window_key_means_the_architectures_default():
+    from codegen_jax.hf import _sliding_window
+
+    # transformers' MistralConfig (and Qwen2Config with use_sliding_window) default to 4096 when absent
+    assert _sliding_window({}, "MistralForCausalLM", 2, 131072) == 4096
+    assert _sliding_window({"sliding_window": None}, "MistralForCausalLM", 2, 131072) == 0  # explicit: none
+    assert _sliding_window({"use_sliding_window": True, "max_window_layers": 0}, "Qwen2ForCausalLM", 2, 32768) == 4096
+    assert _sliding_window({}, "Starcoder2ForCausalLM", 2, 4096) == 0

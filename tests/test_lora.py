@@ -24,7 +24,7 @@ from codegen_jax.sharding import make_mesh
 from codegen_jax.train.optim import make_optimizer, schedule
 from codegen_jax.train.step import TrainState, make_train_step
 
-from conftest import tiny_config
+from conftest import losses_side_by_side, tiny_config
 
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.targets=[q,k,v,o,gate,up,down]"]
 OPT = ["optim.schedule=constant", "optim.warmup_steps=0", "optim.lr=1e-2", "optim.clip_norm=0",
@@ -117,17 +117,7 @@ def test_ten_steps_match_hf_with_peft_and_torch_adamw():
     trainable = [p for p in model.parameters() if p.requires_grad]
     torch_opt = torch.optim.AdamW(trainable, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     step, state = _step(cfg, params)
-    ours, theirs = [], []
-    for i in range(10):
-        batch = _batch(100 + i % 2)
-        state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
-        ours.append(float(metrics["loss"]))
-        tokens = torch.from_numpy(batch["tokens"]).long()
-        loss = model(input_ids=tokens, labels=tokens).loss
-        torch_opt.zero_grad()
-        loss.backward()
-        torch_opt.step()
-        theirs.append(float(loss))
+    ours, theirs = losses_side_by_side(step, state, model, torch_opt, [_batch(100 + i % 2) for i in range(10)])
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
     assert ours[-1] < ours[0]
 
@@ -213,7 +203,7 @@ def test_adapter_only_export_of_a_run_without_lora_is_one_line(tmp_path, small_t
     assert len(err) == 1 and "not trained with LoRA" in err[0]
 
 
-def test_resuming_with_another_lora_section_is_one_line():
+def test_resuming_with_another_lora_section_or_rope_is_one_line():
     from codegen_jax.errors import UserError
     from codegen_jax.train.loop import _check_model_compatible
 
@@ -223,6 +213,10 @@ def test_resuming_with_another_lora_section_is_one_line():
         _check_model_compatible(saved, tiny_config(*LORA, "lora.rank=8"), "checkpoint in X")
     with pytest.raises(UserError, match="lora.enabled: True there, False here"):
         _check_model_compatible(saved, tiny_config(), "checkpoint in X")
+    longer = tiny_config(*LORA, "model.rope_scaling=linear", "model.rope_factor=2")  # what the weights compute
+    with pytest.raises(UserError, match="model.rope_scaling: none there, linear here"):
+        _check_model_compatible(saved, longer, "checkpoint in X")
+    _check_model_compatible(saved, longer, "--init-from X", layout_matters=False)  # a fine-tune may change it
 
 
 def test_merge_of_bfloat16_weights_sums_in_float32():

@@ -303,3 +303,11 @@ def test_splash_attention_equals_the_blockwise_kernel_in_interpret_mode():
                  for fn in (splash_attention, causal_attention)]
         for a, e in zip(*grads):
             np.testing.assert_allclose(a, e, atol=1e-5)
+
+
+def test_auto_attention_picks_the_platform_kernel_and_no_fp32_cudnn():
+    from codegen_jax.attention import resolve
+
+    assert resolve("auto", "tpu") == "splash" and resolve("auto", "cpu", "float32") == "xla"
+    assert resolve("auto", "gpu", "bfloat16") == "cudnn" and resolve("auto", "gpu", "float32") == "xla"
+    assert resolve("xla", "tpu") == "xla"  # an explicit choice stands

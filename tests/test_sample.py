@@ -117,6 +117,26 @@ def test_continuous_batching_refills_slots_and_equals_each_row_alone(setup):
         assert len(result.tokens) <= request.max_new_tokens and result.request is request
 
 
+def test_cancelling_a_waiting_row_returns_its_result_and_a_running_one_ends_next_step(setup):
+    """A server client that leaves: every row it had gets a result (so the server's count of rows in
+    hand comes back down), the waiting ones at once, the running ones at the next step."""
+    from codegen_jax.sample.scheduler import Request, Scheduler
+
+    _, _, tok, gen = setup
+    running, waiting = object(), object()
+    sched = Scheduler(gen.engine, tok, slots=1, refill=True, chunk=2, open_queue=True)
+    ids = gen.prompt_ids(PROMPTS[0], 8)
+    sched.submit(Request(ids, 40, tag=running))
+    first = sched.step()
+    assert not first and len(sched.rows) == 1  # admitted and decoding
+    sched.submit(Request(ids, 5, tag=waiting))
+    (dropped,) = sched.cancel(waiting)
+    assert dropped.finish_reason == "cancelled" and dropped.request.tag is waiting and dropped.tokens == []
+    assert not sched.waiting and sched.cancel(running) == []
+    ended = sched.step()
+    assert [(r.request.tag, r.finish_reason) for r in ended] == [(running, "cancelled")] and not sched.busy
+
+
 def test_buckets_are_few_and_tight():
     assert [bucket(n) for n in (1, 16, 17, 25, 33, 100, 129)] == [16, 16, 24, 32, 48, 128, 192]
     assert len({bucket(n) for n in range(1, 2049)}) <= 16

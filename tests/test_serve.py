@@ -121,6 +121,7 @@ def test_streamed_chunks_join_to_the_text(client):
 def test_stop_strings_cut_the_text(client):
     whole = _complete(client, PROMPTS[4], max_tokens=24).choices[0].text
     stop = whole[len(whole) // 2:][:2]
+    assert len(stop) == 2 and whole.find(stop) > 0  # a real cut inside the text
     r = _complete(client, PROMPTS[4], max_tokens=24, stop=["never there", stop])
     assert r.choices[0].text == whole[:whole.find(stop)] and r.choices[0].finish_reason == "stop"
     streamed = "".join(e.choices[0].text for e in _complete(client, PROMPTS[4], max_tokens=24, stop=[stop],
@@ -204,6 +205,9 @@ def test_a_full_queue_is_429_and_sigterm_drains_then_exits_0(checkpoint):
             codes = sorted(r.status_code for r in pool.map(post, range(6)))
         assert 429 in codes and 200 in codes
         assert all(c in (200, 429) for c in codes)
+        # more rows than slots + queue can ever hold: 400, not a 429 to retry forever
+        r = httpx.post(s.url + "/v1/completions", timeout=60, json={"prompt": "x", "max_tokens": 2, "n": 3})
+        assert r.status_code == 400 and "more rows than this server holds" in r.json()["error"]["message"]
         result = {}
         t = threading.Thread(target=lambda: result.setdefault("r", post(0)))
         t.start()

@@ -2,6 +2,9 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
+
 from jax.sharding import PartitionSpec as P
 
 from codegen_jax.sharding import LOGICAL_RULES, logical_to_spec
@@ -75,3 +78,18 @@ def test_meshes_agree_with_single_device_and_follow_rules():
         assert r["bad"] == [], (mesh, r["bad"])
         assert r["err"] < 1e-5, (mesh, r["err"])
     assert len(out["splash"]) == 4 and max(out["splash"].values()) < 1e-5, out["splash"]
+
+
+def test_on_mesh_traces_with_the_context_mesh_so_constraints_apply():
+    from codegen_jax.sharding import make_mesh, on_mesh
+
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    seen = []
+
+    def f(x):
+        seen.append(jax.sharding.get_abstract_mesh().empty)
+        return x * 2
+
+    jax.jit(f)(jnp.ones(2))
+    on_mesh(jax.jit(lambda x: f(x) + 1), mesh)(jnp.ones(2))
+    assert seen == [True, False]  # a bare jit sees no mesh (constrain would be a no-op); on_mesh does

@@ -21,7 +21,7 @@ from codegen_jax.sharding import make_mesh, state_shardings
 from codegen_jax.train.optim import decay_mask, make_optimizer, schedule
 from codegen_jax.train.step import TrainState, grads_and_metrics, make_train_step, masked_nll, target_weights
 
-from conftest import tiny_config
+from conftest import losses_side_by_side, tiny_config
 
 SMALL_DATA = ["data.max_docs=120", "model.vocab_size=512"]
 
@@ -126,17 +126,8 @@ def test_twenty_adamw_steps_match_hf_llama_and_torch():
     torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     step = make_train_step(graphdef, opt, schedule(cfg.optim, 20), mesh,
                            TrainState(NamedSharding(mesh, P()), params_sh, None), 1, 0.0)
-    ours, theirs = [], []
-    for i in range(20):
-        batch = _batch(b=4, t=16, seed=100 + i % 2)  # two batches in turn: learnable, so loss falls
-        state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
-        ours.append(float(metrics["loss"]))
-        tokens = torch.from_numpy(batch["tokens"]).long()
-        loss = hf(input_ids=tokens, labels=tokens).loss
-        torch_opt.zero_grad()
-        loss.backward()
-        torch_opt.step()
-        theirs.append(float(loss))
+    batches = [_batch(b=4, t=16, seed=100 + i % 2) for i in range(20)]  # two in turn: learnable, so loss falls
+    ours, theirs = losses_side_by_side(step, state, hf, torch_opt, batches)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
     assert ours[-1] < ours[0]
 

@@ -125,8 +125,8 @@ def chat_example(tok: CodeTokenizer, chat: Chat) -> Example:
             tokens += [*ids, tok.eos_id]
             mask += [1] * (len(ids) + 1)
             asked = False
-        else:
-            head = [] if asked else [tok.inst_id]
+        else:  # a turn to answer; one after another (system, then user) apart by a blank line
+            head = tok.encode("\n\n") if asked else [tok.inst_id]
             tokens += head + ids
             mask += [0] * (len(head) + len(ids))
             asked = True
@@ -134,14 +134,25 @@ def chat_example(tok: CodeTokenizer, chat: Chat) -> Example:
 
 
 def _templated_chat(tok: CodeTokenizer, chat: Chat) -> Example:
+    """The chat rendered by the template; each assistant turn's span found by rendering the chat up to
+    it (with the generation prompt) and through it, which must be prefixes of the whole."""
+    import jinja2
+
     messages = [{"role": r, "content": t} for r, t in chat.turns]
-    text = tok.hf.apply_chat_template(messages, tokenize=False)
     spans = []
-    for k, (role, _) in enumerate(chat.turns):
-        if role == "assistant":
-            start = len(tok.hf.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True))
-            end = len(tok.hf.apply_chat_template(messages[:k + 1], tokenize=False))
-            spans.append((start, end))
+    try:
+        text = tok.hf.apply_chat_template(messages, tokenize=False)
+        for k, (role, _) in enumerate(chat.turns):
+            if role == "assistant":
+                before = tok.hf.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+                through = tok.hf.apply_chat_template(messages[:k + 1], tokenize=False)
+                if not (text.startswith(before) and text.startswith(through)):
+                    raise UserError("the tokenizer's chat_template renders earlier turns differently once later "
+                                    "ones follow, so the assistant turns cannot be located for the loss mask; "
+                                    "use a tokenizer whose template only appends")
+                spans.append((len(before), len(through)))
+    except jinja2.TemplateError as e:
+        raise UserError(f"the tokenizer's chat_template refuses a chat row ({e}); fix the row or the template") from None
     enc = tok.hf(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(s <= a and b <= e for s, e in spans) and b > a) for a, b in enc["offset_mapping"]]
     return np.array(enc["input_ids"], np.int32), np.array(mask, np.int32)

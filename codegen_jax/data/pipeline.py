@@ -65,7 +65,11 @@ def example_set(corpus: Corpus, tok: CodeTokenizer, split: str, seq_len: int, pa
             pairs, skipped = [], collections.Counter()
             if pair_ratio > 0 or not docs:
                 pairs, skipped = _fitting_pairs(corpus, tok, split, seq_len)
-            pairs += [examples.Chat(d.messages) for d in corpus.chats(split)]
+            chats = [examples.Chat(d.messages) for d in corpus.chats(split)]
+            if chats and docs and pair_ratio <= 0:  # the epoch plan would mix in none of them
+                raise UserError(f"data.pair_ratio=0 trains on no instruction data, so the {len(chats)} chat rows "
+                                f"of the {split} split would be dropped; set data.pair_ratio above 0")
+            pairs += chats
             if len(_EXAMPLE_CACHE) >= 8:
                 _EXAMPLE_CACHE.clear()
             # The key holds ids: the entry keeps its objects alive so that an id is never reused.

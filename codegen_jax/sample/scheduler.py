@@ -89,15 +89,16 @@ class Scheduler:
     calls `submit`, `cancel` and `step` (the server's engine thread)."""
 
     def __init__(self, engine: Engine, tokenizer: Any, slots: int, *, refill: bool = True, chunk: int = 16,
-                 min_capacity: int = 64, max_group: int = 0):
+                 min_capacity: int = 64, max_group: int = 0, open_queue: bool = False):
         """`chunk`: decode steps per round when rows may need the host in between (stop strings,
         streaming, waiting requests); `min_capacity`: the smallest cache (the server sets the context,
         so shapes never change); `max_group`: the most prompts prefilled together (0: any; the server
-        uses 1, so a request's prefill has the same shape however many arrive with it)."""
+        uses 1, so a request's prefill has the same shape however many arrive with it); `open_queue`:
+        requests may arrive at any time (a server), so every round is one chunk."""
         self.engine, self.tokenizer = engine, tokenizer
         self.slots = -(-slots // engine.dp) * engine.dp
         self.refill, self.chunk, self.min_capacity = refill, chunk, min_capacity
-        self.max_group = max_group or self.slots
+        self.max_group, self.open_queue = max_group or self.slots, open_queue
         self.context = engine.model_cfg.max_seq_len
         self.vocab_limit = min(engine.model_cfg.vocab_size, tokenizer.vocab_size)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -113,12 +114,15 @@ class Scheduler:
         assert 0 < len(request.ids) and len(request.ids) + request.max_new_tokens <= self.context
         self.waiting.append(request)
 
-    def cancel(self, tag: Any) -> None:
-        """End every waiting or running row with this tag (a client that went away)."""
+    def cancel(self, tag: Any) -> list[Result]:
+        """End every waiting or running row with this tag (a client that went away). Returns the
+        results of the waiting ones (finish_reason cancelled); running ones end in the next `step`."""
+        dropped = [r for r in self.waiting if r.tag is tag]
         self.waiting = collections.deque(r for r in self.waiting if r.tag is not tag)
         for row in self.rows.values():
             if row.request.tag is tag:
                 row.cancelled = True
+        return [Result(r, "", [], "cancelled") for r in dropped]
 
     @property
     def busy(self) -> bool:
@@ -226,7 +230,8 @@ class Scheduler:
 
     def _decode(self) -> None:
         rows = list(self.rows.values())
-        if any(row.request.stop or row.request.on_text for row in rows) or (self.refill and self.waiting):
+        if (self.open_queue or any(row.request.stop or row.request.on_text for row in rows)
+                or (self.refill and self.waiting)):
             n_steps = self.chunk
         else:  # nothing to check or admit before the rows end: one call to the end
             n_steps = bucket(max(row.request.max_new_tokens - len(row.tokens) for row in rows), self.chunk)

@@ -86,6 +86,9 @@ def create_app(gen: Generator, worker: Worker, model_name: str, api_key: str | N
             raise ApiError(400, str(e)) from None
         if max_tokens >= ctx:
             raise ApiError(400, f"max_tokens ({max_tokens}) must be below the context ({ctx})", param="max_tokens")
+        if len(prompts) * req.n > worker.slots + worker.max_queue:  # 429 would ask for a retry that never fits
+            raise ApiError(400, f"{len(prompts)} prompts x n={req.n} is more rows than this server holds at once "
+                           f"({worker.slots} slots + {worker.max_queue} queued); send fewer", param="n")
         stops = protocol.stops(req)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         out, n_prompt = [], 0

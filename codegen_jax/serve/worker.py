@@ -28,7 +28,7 @@ class Worker:
         # the whole context per slot and one prompt per prefill: every request runs in the same shapes
         # whatever arrives with it, so concurrent results equal results alone, and nothing recompiles
         self.scheduler = Scheduler(gen.engine, gen.tokenizer, slots, refill=True, chunk=chunk,
-                                   min_capacity=gen.model_cfg.max_seq_len, max_group=1)
+                                   min_capacity=gen.model_cfg.max_seq_len, max_group=1, open_queue=True)
         self.slots, self.max_queue = self.scheduler.slots, max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[int, Callable[[Result], None]] = {}  # id(request) -> result callback
@@ -63,9 +63,10 @@ class Worker:
                 raise Busy(f"{self._outstanding} rows are running or queued ({self.slots} slots, "
                            f"{self.max_queue} queued at most)")
             self._outstanding += len(requests)
-        for r in requests:
-            self._sinks[id(r)] = on_result
-        self._inbox.put(("submit", requests))
+            for r in requests:
+                self._sinks[id(r)] = on_result
+            # under the lock: once the engine thread has failed (and drained the inbox) nothing more arrives
+            self._inbox.put(("submit", requests))
 
     def cancel(self, tag: Any) -> None:
         """End the rows tagged `tag` (their results still arrive, finish_reason "cancelled")."""
@@ -88,7 +89,8 @@ class Worker:
                 for r in payload:
                     self.scheduler.submit(r)
             else:
-                self.scheduler.cancel(payload)
+                for result in self.scheduler.cancel(payload):
+                    self._deliver(result)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -102,8 +104,17 @@ class Worker:
                     for result in self.scheduler.step():
                         self._deliver(result)
         except BaseException as e:  # noqa: BLE001 - reported to every waiting client as a 503
-            self.error = e
-            for r in [row.request for row in self.scheduler.rows.values()] + list(self.scheduler.waiting):
+            with self._lock:
+                self.error = e
+            pending = [row.request for row in self.scheduler.rows.values()] + list(self.scheduler.waiting)
+            while True:  # and the rows submitted but not yet taken from the inbox
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None and item[0] == "submit":
+                    pending += item[1]
+            for r in pending:
                 self._deliver(Result(r, "", [], "error"))
             raise
 

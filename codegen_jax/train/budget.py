@@ -53,11 +53,13 @@ def due(cfg: Config, step: int, elapsed_s: float, probe: int) -> bool:
     return (past_warmup and elapsed_s >= LATE_FRACTION * cfg.train.time_budget_s) or step + 1 >= decay_start
 
 
-def recorded(workdir: Any) -> dict | None:
-    """The length an earlier start of this run fixed, if any."""
+def recorded(workdir: Any, cfg: Config) -> dict | None:
+    """The length an earlier start of this run fixed, if any, for the same `train.steps` and
+    `train.time_budget_s` (a restart that asks for other ones, e.g. to train on, is measured again)."""
     path = storage.path(workdir) / BUDGET_FILE
     found = json.loads(path.read_text()) if path.exists() else {}
-    return found if "steps" in found else None
+    same = found.get("for_steps") == cfg.train.steps and found.get("budget_s") == cfg.train.time_budget_s
+    return found if "steps" in found and same else None
 
 
 def fit(cfg: Config, elapsed_s: float, step_s: float, eval_s: float, done: int) -> int:
@@ -82,9 +84,10 @@ def _decay_after(cfg: Config, done: int) -> int:
     return n
 
 
-def record(workdir: Any, steps: int, **measured: float) -> None:
-    """Fix the run's length: `recorded` returns it from now on."""
-    (storage.path(workdir) / BUDGET_FILE).write_text(json.dumps({"steps": steps, **measured}, indent=2) + "\n")
+def record(workdir: Any, steps: int, cfg: Config, **measured: float) -> None:
+    """Fix the length of the run `cfg` asks for: `recorded` returns it from now on."""
+    fixed = {"steps": steps, "for_steps": cfg.train.steps, "budget_s": cfg.train.time_budget_s, **measured}
+    (storage.path(workdir) / BUDGET_FILE).write_text(json.dumps(fixed, indent=2) + "\n")
 
 
 def record_spent(workdir: Any, spent_s: float) -> None:

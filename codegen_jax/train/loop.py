@@ -30,7 +30,7 @@ from codegen_jax.data.tokenizer import CodeTokenizer, get_tokenizer
 from codegen_jax.errors import UserError
 from codegen_jax.model import create_model, flops_per_token, layer_layout
 from codegen_jax.progress import SILENT, Progress
-from codegen_jax.sharding import global_batch, make_mesh
+from codegen_jax.sharding import global_batch, make_mesh, on_mesh
 from codegen_jax.train.metrics import MetricsWriter, peak_flops
 from codegen_jax.train.optim import make_optimizer, schedule
 from codegen_jax.train.step import TrainState, make_eval_step, make_train_step, train_state_layout
@@ -58,7 +58,10 @@ def _check_model_compatible(saved: dict, cfg: Config, source: str, layout_matter
     (Params alone convert between scanned and unscanned layers; optimizer state does not.)"""
     shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                   "tie_embeddings", "attention_bias", "attention_out_bias", "norm", "mlp", "mlp_bias")
-    shape_keys += ("scan_layers",) if layout_matters else ()
+    # resuming must also keep what the weights were trained to compute with (--init-from may change it:
+    # a longer context through RoPE scaling is a fine-tune)
+    if layout_matters:
+        shape_keys += ("scan_layers", "sliding_window", "rope_theta", "rope_scaling", "rope_factor")
     default = ModelConfig()  # a checkpoint written before a field existed had its default
     there = {k: saved["model"].get(k, getattr(default, k)) for k in shape_keys}
     diffs = [f"model.{k}: {there[k]} there, {getattr(cfg.model, k)} here"
@@ -145,10 +148,11 @@ def _setup(cfg: Config, workdir: Any, init_from: str | None, progress: Progress)
                          + (f"; LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}" if cfg.lora.enabled else ""))
     token_bytes = jax.device_put(tokenizer.token_byte_lengths().astype(np.float32), state_sh.step)
     sched = schedule(cfg.optim, cfg.train.steps)
-    train_step = make_train_step(graphdef, optimizer, sched, mesh, state_sh, cfg.optim.grad_accum,
-                                 cfg.optim.z_loss, skip_nonfinite=cfg.train.nan_policy == "skip",
-                                 loss_chunk=cfg.train.loss_chunk, lora_cfg=cfg.lora, seed=cfg.train.seed)
-    eval_step = make_eval_step(graphdef, mesh, state_sh.params, token_bytes, cfg.train.loss_chunk)
+    train_step = on_mesh(make_train_step(graphdef, optimizer, sched, mesh, state_sh, cfg.optim.grad_accum,
+                                         cfg.optim.z_loss, skip_nonfinite=cfg.train.nan_policy == "skip",
+                                         loss_chunk=cfg.train.loss_chunk, lora_cfg=cfg.lora, seed=cfg.train.seed),
+                         mesh)
+    eval_step = on_mesh(make_eval_step(graphdef, mesh, state_sh.params, token_bytes, cfg.train.loss_chunk), mesh)
     return _Run(cfg, workdir, mesh, tokenizer, graphdef, state, train_step, eval_step, data, mngr, start)
 
 
@@ -246,7 +250,7 @@ def _fix_length(run: _Run, step_times: list[float], started: float, progress: Pr
     steps = budget.fit(cfg, time.perf_counter() - started, step_s, eval_s, done)
     steps = int(multihost_utils.broadcast_one_to_all(np.int32(steps)))
     if distributed.is_main():
-        budget.record(run.workdir, steps, step_s=step_s, eval_s=eval_s, budget_s=cfg.train.time_budget_s)
+        budget.record(run.workdir, steps, cfg, step_s=step_s, eval_s=eval_s)
     progress.message(f"time budget {cfg.train.time_budget_s:.0f} s: {step_s:.3f} s per step here, so "
                      f"{steps} steps (train.steps {cfg.train.steps}); recorded in {budget.BUDGET_FILE}")
     if steps == cfg.train.steps:
@@ -263,10 +267,11 @@ def _rebuild_step(run: _Run, cfg: Config) -> None:
     """The train step for `cfg`'s schedule (the optimizer state's structure does not change)."""
     state_sh = jax.tree.map(lambda x: x.sharding, run.state)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    run.train_step = make_train_step(run.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps), run.mesh,
-                                     state_sh, cfg.optim.grad_accum, cfg.optim.z_loss,
-                                     skip_nonfinite=cfg.train.nan_policy == "skip", loss_chunk=cfg.train.loss_chunk,
-                                     lora_cfg=cfg.lora, seed=cfg.train.seed)
+    run.train_step = on_mesh(make_train_step(run.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps), run.mesh,
+                                             state_sh, cfg.optim.grad_accum, cfg.optim.z_loss,
+                                             skip_nonfinite=cfg.train.nan_policy == "skip",
+                                             loss_chunk=cfg.train.loss_chunk, lora_cfg=cfg.lora, seed=cfg.train.seed),
+                             run.mesh)
     run.cfg = cfg
 
 
@@ -278,12 +283,13 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
     `train.time_budget_s` the run's length is fixed after timing its first steps (train/budget.py).
     Progress, resumes and warnings go to `progress`."""
     started = time.perf_counter()
-    path = _prepare_workdir(cfg, workdir)
-    fixed = budget.recorded(path) if cfg.train.time_budget_s > 0 else None
-    if fixed is not None:
+    path = storage.path(workdir or f"runs/{cfg.name}")
+    fixed = budget.recorded(path, cfg) if cfg.train.time_budget_s > 0 else None
+    if fixed is not None:  # before config.yaml is written: it shows the length the run has
         cfg = budget.with_steps(cfg, fixed["steps"])
-    elif cfg.train.time_budget_s > 0:  # a restart before the length was fixed: the budget already spent counts
-        started -= budget.spent(path)
+    path = _prepare_workdir(cfg, workdir)
+    if fixed is None and cfg.train.time_budget_s > 0:
+        started -= budget.spent(path)  # a restart before the length was fixed: what was spent counts
     run = _setup(cfg, path, init_from, progress)
     # a budget not fixed yet is fixed when `budget.due` (for early schedules after the probe steps,
     # or, resuming a run that crashed before it recorded one, after this start's first step)

@@ -106,6 +106,8 @@ def check_inputs(cfg: Config) -> None:
         raise UserError("data prepare does not subsample (data.max_docs): set data.max_docs=0")
     if d.source != "stdlib":
         sources._existing(d.paths, "data.paths")
+    if d.source == "datasets":
+        _refuse_chat_rows(d)
     if d.source == "files":
         languages.selected_extensions(d.extensions)
     languages.check_names(d.languages, "data.languages")
@@ -114,6 +116,16 @@ def check_inputs(cfg: Config) -> None:
         from codegen_jax.data.tokenizer import load_tokenizer
 
         load_tokenizer(d.tokenizer)
+
+
+def _refuse_chat_rows(d: Any) -> None:
+    """Chat rows (`messages`) need per-turn loss masks, which prepared shards do not carry. (The first
+    input decides: its columns are known without reading the corpus.)"""
+    for item in [i for p in sources._existing(d.paths, "data.paths") for i in sources._data_inputs(p)][:1]:
+        cols = sources._load_dataset(item).column_names
+        if d.messages_field in cols and d.text_field not in cols and not {d.prompt_field, d.completion_field} <= set(cols):
+            raise UserError(f"{item} holds chat rows ('{d.messages_field}'), which data prepare does not support "
+                            "(their per-turn loss masks); train on them directly with data.source=datasets")
 
 
 def claim_dir(out: Path, info: dict[str, Any]) -> None:
