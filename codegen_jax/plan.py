@@ -344,7 +344,7 @@ def _estimated_seconds(cfg: Config, topo: Any) -> float:
     return max(compute / topo.chip.peak_flops, comm / topo.chip.ici_bandwidth) * (1 + 0.02 * cfg.optim.grad_accum)
 
 
-def search(cfg: Config, topology: str, max_compiles: int = 8) -> dict[str, Any]:
+def search(cfg: Config, topology: str, max_compiles: int = 12) -> dict[str, Any]:
     """Compile the train step for candidates (`_candidates`) fastest-estimated first, until one fits
     with 10% of HBM to spare; returns the winner's overrides (None if none fits within
     `max_compiles`) and every compile tried."""
