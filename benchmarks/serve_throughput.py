@@ -130,7 +130,8 @@ def load(url: str, model: str, requests: list[dict], clients: int) -> dict:
 def ours_server(ckpt: Path, slots: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "codegen_jax.cli", "serve", "--checkpoint", str(ckpt), "--port",
-                             str(port), "--slots", str(slots), "--max-queue", "1024", "--model-name", "m"],
+                             str(port), "--slots", str(slots), "--max-queue", "1024", "--model-name", "m",
+                             "--warmup", "512"],  # compiled before it listens, as a deployment would
                             stderr=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}"
 
