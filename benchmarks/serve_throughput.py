@@ -5,7 +5,8 @@ end before the next is admitted).
 
 Requests: prompts of 32-512 tokens, max_tokens 16-256 (fixed seed), greedy. For 1, 8 and 32 concurrent
 closed-loop clients: output tokens/s, time to first token and request latency p50/p99. Output tokens
-are counted from each server's `usage` (a random model may end early on EOS, on either side).
+are the streamed text re-encoded with the shared tokenizer: a server's chunks are not tokens (ours sends
+one chunk per decode round), and streamed `usage` is optional in OpenAI's protocol.
 
     python benchmarks/serve_throughput.py                           # tiny and small
     python benchmarks/serve_throughput.py --configs tiny --clients 32 --requests 64
@@ -93,14 +94,14 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def one_request(url: str, model: str, req: dict) -> dict:
-    """Stream one completion: time to first text, latency, output tokens (from usage when given)."""
+def one_request(url: str, model: str, req: dict, tok) -> dict:
+    """Stream one completion: time to first text, latency, output tokens (the text re-encoded)."""
     import httpx
 
     body = {"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0,
             "stream": True}
     t0 = time.perf_counter()
-    first, tokens, pieces = None, None, 0
+    first, text = None, []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -109,18 +110,16 @@ def one_request(url: str, model: str, req: dict) -> dict:
             event = json.loads(line[6:])
             if event.get("choices") and event["choices"][0].get("text"):
                 first = first if first is not None else time.perf_counter() - t0
-                pieces += 1
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
+                text.append(event["choices"][0]["text"])
     return {"ttft": first if first is not None else time.perf_counter() - t0,
-            "latency": time.perf_counter() - t0, "tokens": tokens if tokens is not None else pieces}
+            "latency": time.perf_counter() - t0, "tokens": len(tok.encode("".join(text)))}
 
 
-def load(url: str, model: str, requests: list[dict], clients: int) -> dict:
+def load(url: str, model: str, requests: list[dict], clients: int, tok) -> dict:
     """`clients` closed-loop clients share the requests; aggregate throughput and latencies."""
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
-        rows = list(pool.map(lambda r: one_request(url, model, r), requests))
+        rows = list(pool.map(lambda r: one_request(url, model, r, tok), requests))
     wall = time.perf_counter() - t0
     lat, ttft = np.array([r["latency"] for r in rows]), np.array([r["ttft"] for r in rows])
     return {"tokens_per_s": sum(r["tokens"] for r in rows) / wall, "ttft_p50": float(np.percentile(ttft, 50)),
@@ -189,10 +188,10 @@ def main() -> None:
                 try:
                     wait_ready(url, proc)
                     model = "m" if server == "ours" else str(hf_dir.resolve())
-                    load(url, model, reqs[:4], 4)  # warm-up (compiles, HF's lazy batching manager)
+                    load(url, model, reqs[:4], 4, tok)  # warm-up (compiles, HF's lazy batching manager)
                     for c in args.clients:
                         n = 8 if c == 1 else args.requests
-                        row = {"config": name, "server": server, "clients": c, **load(url, model, reqs[:n], c)}
+                        row = {"config": name, "server": server, "clients": c, **load(url, model, reqs[:n], c, tok)}
                         results.append(row)
                         print(json.dumps(row), flush=True)
                 finally:
