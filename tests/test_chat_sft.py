@@ -111,3 +111,16 @@ def test_a_template_that_rewrites_earlier_turns_or_refuses_a_row_is_a_user_error
     refusing = _templated(tmp_path / "b", small_tokenizer, "{{ raise_exception('roles must alternate') }}")
     with pytest.raises(UserError, match="refuses a chat row.*roles must alternate"):
         chat_example(refusing, chat)
+
+
+def test_chat_rows_with_pair_ratio_0_beside_documents_are_a_user_error(tmp_path, small_tokenizer):
+    import pytest
+
+    from codegen_jax.errors import UserError
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "def f():\n    return 1\n"}) + "\n")
+    cfg = _cfg(_write(tmp_path, CHATS))
+    cfg.data.paths, cfg.data.pair_ratio = [str(docs), *cfg.data.paths], 0.0
+    with pytest.raises(UserError, match=r"the 2 chat rows of the train split would be dropped.*pair_ratio above 0"):
+        list(pipeline.make_iterator(cfg, small_tokenizer, num_epochs=1))

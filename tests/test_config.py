@@ -36,6 +36,7 @@ def test_config_round_trips_through_dict():
     ("model.remat=some", "config key 'model.remat' must be one of none, full, dots_saveable"),
     ("train.batch_size=10", "train.batch_size (10) must be divisible by mesh.data*mesh.fsdp"),
     ("notakeyvalue", "is not key=value"),
+    ("data.exclude=[a,*b", "config key 'data.exclude': cannot read the list"),
 ])
 def test_validation_errors(override, expected):
     with pytest.raises(ConfigError) as e:
@@ -89,3 +90,8 @@ def test_cli_config_errors_exit_2(verb, capsys):
     assert main(args + ["--config", "configs/tiny.yaml", "model.n_kv_heads=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "n_kv_heads" in err[0]
+
+
+def test_unquoted_glob_lists_are_read_as_strings():
+    cfg = load_config("configs/tiny.yaml", ["data.exclude=[test/*, */tests/*]"])  # YAML reads * as an alias
+    assert cfg.data.exclude == ["test/*", "*/tests/*"]
