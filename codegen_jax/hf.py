@@ -316,12 +316,12 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32", *
     if adapter_only and not cfg.lora.enabled:
         raise UserError(f"--adapter-only: {checkpoint} was not trained with LoRA (lora.enabled=false); "
                         "export the whole model without --adapter-only")
+    np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
     if cfg.lora.enabled:
         params = jax.tree.map(_gathered, params)
         if adapter_only:
-            return _export_adapter(cfg, params, out, dtype, checkpoint)
+            return _export_adapter(cfg, params, out, np_dtype)
         params = lora.merge(params, m, cfg.lora)
-    np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
     plan = list(hf_params.tensors(m))
     specs = [hf_io.TensorSpec(t.hf, t.layout.hf_shape(hf_params.our_shape(t, params)), np_dtype)
              for t in plan]
@@ -342,20 +342,24 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32", *
     return hf_io.write_atomically(out, write, collective=False)  # the others are not in here
 
 
-def _gathered(x: Any) -> np.ndarray:
-    """A whole array on the host, gathered across processes if needed."""
+def _addressable(x: Any) -> Any:
+    """`x` with every shard on this process (gathered across processes if needed)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
+        return multihost_utils.process_allgather(x, tiled=True)
+    return x
 
 
-def _export_adapter(cfg: Any, params: dict, out: Path, dtype: str, checkpoint: Any) -> Path:
+def _gathered(x: Any) -> np.ndarray:
+    """A whole array on the host, gathered across processes if needed."""
+    return np.asarray(jax.device_get(_addressable(x)))
+
+
+def _export_adapter(cfg: Any, params: dict, out: Path, np_dtype: np.dtype) -> Path:
     """PEFT's adapter directory: what `peft.PeftModel.from_pretrained(base, out)` loads."""
     from safetensors.numpy import save_file
 
-    np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
     tensors = {t.name: t.value.astype(np_dtype) for t in lora.peft_tensors(params, cfg.model, cfg.lora)}
 
     def write(tmp: Path) -> None:
@@ -369,12 +373,8 @@ def _export_adapter(cfg: Any, params: dict, out: Path, dtype: str, checkpoint: A
 
 def _to_host(params: Any, t: hf_params.Tensor, dtype: np.dtype) -> np.ndarray:
     """One tensor to host memory in torch layout and `dtype`, gathered across processes if needed."""
-    x = hf_params.leaf(params, t.ours)
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    x = np.asarray(jax.device_get(x if t.layer is None else x[t.layer]))
+    x = _addressable(hf_params.leaf(params, t.ours))
+    x = np.asarray(jax.device_get(x if t.layer is None else x[t.layer]))  # one layer of a stack to the host
     return np.ascontiguousarray(t.layout.to_hf(x).astype(dtype, copy=False))
 
 

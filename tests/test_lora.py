@@ -228,3 +228,10 @@ def test_merge_of_bfloat16_weights_sums_in_float32():
     w_q = lambda p: p["blocks"]["attn"]["w_q_dhk"] if cfg.model.scan_layers else p["blocks"][0]["attn"]["w_q_dhk"]  # noqa: E731
     assert w_q(got).dtype == jnp.bfloat16
     np.testing.assert_allclose(w_q(got).astype(np.float32), w_q(want), rtol=2e-2, atol=2e-3)
+
+
+def test_config_knows_the_same_targets_as_the_model():
+    from codegen_jax.config import LORA_TARGETS  # config imports nothing of ours: its own copy of the names
+
+    assert set().union(*LORA_TARGETS.values()) == set(lora.TARGETS)
+    assert all(lora.TARGETS[t][0] in ("attn", "mlp") for t in lora.TARGETS)
