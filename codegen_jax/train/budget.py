@@ -22,6 +22,7 @@ from typing import Any
 from codegen_jax import storage
 from codegen_jax.config import Config
 from codegen_jax.errors import UserError
+from codegen_jax.train.optim import wsd_decay_start
 
 BUDGET_FILE = "budget.json"
 MAX_PROBE = 8
@@ -48,7 +49,7 @@ def due(cfg: Config, step: int, elapsed_s: float, probe: int) -> bool:
     warmup), while the provisional length's decay is still ahead; the others: at the probe step."""
     if not late(cfg):
         return step == probe
-    decay_start = cfg.train.steps - max(int((cfg.train.steps - cfg.optim.warmup_steps) * cfg.optim.decay_fraction), 1)
+    decay_start = wsd_decay_start(cfg.optim, cfg.train.steps)
     past_warmup = step > cfg.optim.warmup_steps
     return (past_warmup and elapsed_s >= LATE_FRACTION * cfg.train.time_budget_s) or step + 1 >= decay_start
 
@@ -79,7 +80,7 @@ def _decay_after(cfg: Config, done: int) -> int:
     if cfg.optim.schedule != "wsd":
         return 0
     n = done + 1
-    while n - max(int((n - cfg.optim.warmup_steps) * cfg.optim.decay_fraction), 1) < done:
+    while wsd_decay_start(cfg.optim, n) < done:
         n += 1
     return n
 

@@ -147,11 +147,7 @@ def _setup(cfg: Config, workdir: Any, init_from: str | None, progress: Progress)
         progress.message(f"initialised params from {init_from} (step {step}); fresh optimizer"
                          + (f"; LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}" if cfg.lora.enabled else ""))
     token_bytes = jax.device_put(tokenizer.token_byte_lengths().astype(np.float32), state_sh.step)
-    sched = schedule(cfg.optim, cfg.train.steps)
-    train_step = on_mesh(make_train_step(graphdef, optimizer, sched, mesh, state_sh, cfg.optim.grad_accum,
-                                         cfg.optim.z_loss, skip_nonfinite=cfg.train.nan_policy == "skip",
-                                         loss_chunk=cfg.train.loss_chunk, lora_cfg=cfg.lora, seed=cfg.train.seed),
-                         mesh)
+    train_step = _train_step(cfg, graphdef, optimizer, mesh, state_sh)
     eval_step = on_mesh(make_eval_step(graphdef, mesh, state_sh.params, token_bytes, cfg.train.loss_chunk), mesh)
     return _Run(cfg, workdir, mesh, tokenizer, graphdef, state, train_step, eval_step, data, mngr, start)
 
@@ -263,15 +259,20 @@ def _fix_length(run: _Run, step_times: list[float], started: float, progress: Pr
     return cfg
 
 
+def _train_step(cfg: Config, graphdef: Any, optimizer: optax.GradientTransformation, mesh: Any,
+                state_sh: TrainState) -> Any:
+    """The jitted train step of `cfg` (its schedule, accumulation, loss chunk, LoRA), traced under `mesh`."""
+    return on_mesh(make_train_step(graphdef, optimizer, schedule(cfg.optim, cfg.train.steps), mesh, state_sh,
+                                   cfg.optim.grad_accum, cfg.optim.z_loss,
+                                   skip_nonfinite=cfg.train.nan_policy == "skip", loss_chunk=cfg.train.loss_chunk,
+                                   lora_cfg=cfg.lora, seed=cfg.train.seed), mesh)
+
+
 def _rebuild_step(run: _Run, cfg: Config) -> None:
     """The train step for `cfg`'s schedule (the optimizer state's structure does not change)."""
     state_sh = jax.tree.map(lambda x: x.sharding, run.state)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    run.train_step = on_mesh(make_train_step(run.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps), run.mesh,
-                                             state_sh, cfg.optim.grad_accum, cfg.optim.z_loss,
-                                             skip_nonfinite=cfg.train.nan_policy == "skip",
-                                             loss_chunk=cfg.train.loss_chunk, lora_cfg=cfg.lora, seed=cfg.train.seed),
-                             run.mesh)
+    run.train_step = _train_step(cfg, run.graphdef, optimizer, run.mesh, state_sh)
     run.cfg = cfg
 
 

@@ -24,14 +24,22 @@ def schedule(oc: OptimConfig, total_steps: int) -> optax.Schedule:
     elif oc.schedule == "linear":
         tail = optax.linear_schedule(oc.lr, floor, rest)
     elif oc.schedule == "wsd":  # warmup-stable-decay: flat at lr, then a linear cool-down at the end
-        decay = max(int(rest * oc.decay_fraction), 1)
-        tail = optax.join_schedules([optax.constant_schedule(oc.lr), optax.linear_schedule(oc.lr, floor, decay)],
-                                    [rest - decay])
+        flat = wsd_decay_start(oc, total_steps) - warmup
+        tail = optax.join_schedules([optax.constant_schedule(oc.lr), optax.linear_schedule(oc.lr, floor, rest - flat)],
+                                    [flat])
     else:
         tail = optax.constant_schedule(oc.lr)
     if warmup == 0:
         return tail
     return optax.join_schedules([ramp, tail], [warmup])
+
+
+def wsd_decay_start(oc: Any, total_steps: int) -> int:
+    """The step at which a wsd schedule of `total_steps` leaves its flat part (the last
+    `decay_fraction` of the post-warmup steps, at least one, decays)."""
+    warmup = min(oc.warmup_steps, max(total_steps - 1, 0))
+    rest = max(total_steps - warmup, 1)
+    return warmup + rest - max(int(rest * oc.decay_fraction), 1)
 
 
 def decay_mask(params: Any, decay_all: bool) -> Any:
