@@ -185,10 +185,10 @@ def _sampler_programs(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, tuple[A
                   arg((n,), bool), arg((n, 2), np.uint32), sampling, arg((n,), np.int32))
     admit = jax.jit(functools.partial(engine.admit, graphdef, mode=mode), donate_argnums=(1,),
                     out_shardings=(state_sh, None))
-    decode = jax.jit(functools.partial(engine.decode, graphdef, n_steps=1, mode=mode), donate_argnums=(1,),
-                     out_shardings=(state_sh, None))
+    decode = jax.jit(functools.partial(engine.decode, graphdef, n_steps=1, length=capacity, mode=mode),
+                     donate_argnums=(1,), out_shardings=(state_sh, None))
     stop = jax.ShapeDtypeStruct((slots,), bool, sharding=batch_sharding(mesh, 1))
-    return {"prefill": (admit, admit_args), "decode": (decode, (params, state, stop))}
+    return {"prefill": (admit, admit_args), "decode": (decode, (params, state, None, stop))}
 
 
 def _flops_check(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, float]:

@@ -117,6 +117,28 @@ def test_continuous_batching_refills_slots_and_equals_each_row_alone(setup):
         assert len(result.tokens) <= request.max_new_tokens and result.request is request
 
 
+def test_decode_runs_only_the_live_rows_over_the_cache_they_reach_and_equals_each_row_alone(setup):
+    """Six slots emptying one by one: each decode call runs a bucket of rows that holds the live ones
+    (with free slots as padding, or every slot in slot order) over a bucket of cache slots they can
+    reach, not the whole state; every row still equals the same row alone."""
+    from codegen_jax.sample.scheduler import Request, Scheduler
+
+    _, _, tok, gen = setup
+    prompts = PROMPTS + ["x = [", "import os\n", "class A:\n", "def f(x):\n"]
+    budgets = [2, 30, 11, 15, 7, 26, 19]  # chunks of 4: about one row ends per call
+    requests = [Request(gen.prompt_ids(p, 8 + 3 * i), n) for i, (p, n) in enumerate(zip(prompts, budgets))]
+    capacity = gen.model_cfg.max_seq_len
+    sched = Scheduler(gen.engine, tok, slots=6, refill=True, chunk=4, min_capacity=capacity, open_queue=True)
+    together = sched.run(requests)
+    shapes = set(sched.decode_shapes)
+    assert {m for _, m, _ in shapes} == {1, 2, 4, 6} and all(live <= m for live, m, _ in shapes)
+    assert any(live < m == 6 for live, m, _ in shapes) and any(live < m < 6 for live, m, _ in shapes)
+    assert {length for _, _, length in shapes} == {64} and capacity > 64  # prompts + budgets reach < 64
+    for request, result in zip(requests, together):
+        (alone,) = Scheduler(gen.engine, tok, slots=6, refill=True, chunk=4, min_capacity=capacity).run([request])
+        assert (result.tokens, result.finish_reason) == (alone.tokens, alone.finish_reason)
+
+
 def test_cancelling_a_waiting_row_returns_its_result_and_a_running_one_ends_next_step(setup):
     """A server client that leaves: every row it had gets a result (so the server's count of rows in
     hand comes back down), the waiting ones at once, the running ones at the next step."""

@@ -75,7 +75,8 @@ def checkpoint(small_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    s = Server(checkpoint, "--slots", "8", "--max-queue", "64", "--api-key", KEY)
+    # warmed: every decode bucket of greedy and sampled requests compiled before it listens
+    s = Server(checkpoint, "--slots", "8", "--max-queue", "64", "--api-key", KEY, "--warmup", "16")
     yield s
     s.close()
 

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", help="the model id clients use (default: the checkpoint's directory name)")
     p.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, let requests finish this long")
     p.add_argument("--warmup", type=int, default=0,
-                   help="compile the programs for prompts up to this many tokens before listening")
+                   help="before listening, compile the programs for prompts up to this many tokens and "
+                        "every decode bucket (rows x cache length) for greedy and sampled requests")
     p.set_defaults(run=run)
 
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> None:
 
     gen = Generator.from_checkpoint(args.checkpoint)
     name = args.model_name or _default_name(args.checkpoint)
-    worker = Worker(gen, slots=args.slots, max_queue=args.max_queue)
+    worker = Worker(gen, slots=args.slots, max_queue=args.max_queue, precompile=bool(args.warmup))
     worker.start()
     if args.warmup:
         _warm_up(gen, worker, args.warmup)

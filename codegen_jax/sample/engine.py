@@ -6,15 +6,16 @@ state (nnx.merge inside, Flax's functional form), compiled ahead of time once pe
 
 - `admit`: prefill n right-padded prompts [n, P] in one forward pass, sample each one's first token,
   and write the rows into n chosen slots (the rest of the state is untouched);
-- `decode`: up to `n_steps` one-token steps of every slot in a `lax.while_loop` that exits as soon as
-  all rows are done; finished and empty slots emit pad;
+- `decode`: up to `n_steps` one-token steps of chosen rows (the live ones, padded to a bucket), each
+  over the first `length` slots of its cache, in a `lax.while_loop` that exits as soon as all rows are
+  done; finished and padding rows emit pad;
 - `grow`: the same state with more cache slots per row.
 
 The `Engine` owns the model state, the mesh and the compiled programs; `scheduler.py` decides what
 to admit and when (static batches for `Generator`, continuous batching for the server). Random
 streams are keyed per row by its (seed, prompt index, sample index) key and the number of tokens it
 has sampled, so a row's samples do not depend on batching, padding, its slot or the mesh.
-Shape suffixes: b slots, n admitted rows, p prompt length, s cache slots, v vocab.
+Shape suffixes: b slots, n admitted rows, m decoded rows, p prompt length, s cache slots, v vocab.
 """
 
 from __future__ import annotations
@@ -120,35 +121,65 @@ def admit(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, tokens_
 
 
 
-def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, stop_b: jax.Array, *,
-           n_steps: int, mode: SamplingMode) -> tuple[DecodeState, jax.Array]:
-    """Up to `n_steps` one-token steps; `stop_b` marks rows the host ended (a stop string, a client
-    gone). Returns the state and the emitted tokens [b, n_steps] (pad where a row was not live)."""
+def _take_rows(state: DecodeState, rows_m: jax.Array | None, length: int) -> DecodeState:
+    """Rows `rows_m` (None: all) of the state, their caches cut to the first `length` slots."""
+    rows_m = slice(None) if rows_m is None else rows_m
+    layers = tuple(LayerCache(layer.k_bgks[rows_m, :, :, :length], layer.v_bgsk[rows_m, :, :length])
+                   for layer in state.cache.layers)
+    rest = jax.tree.map(lambda x: x[rows_m], state.replace(cache=None, tokens_bs=None))
+    return rest.replace(cache=KVCache(layers, state.cache.lengths_b[rows_m]),
+                        tokens_bs=state.tokens_bs[rows_m, :length])
+
+
+def _put_rows(state: DecodeState, rows_m: jax.Array | None, sub: DecodeState) -> DecodeState:
+    """The state with rows `rows_m` (None: all; their first `sub.capacity` cache slots) replaced by
+    `sub`."""
+    rows_m = slice(None) if rows_m is None else rows_m
+    length = sub.capacity
+    layers = tuple(LayerCache(big.k_bgks.at[rows_m, :, :, :length].set(small.k_bgks),
+                              big.v_bgsk.at[rows_m, :, :length].set(small.v_bgsk))
+                   for big, small in zip(state.cache.layers, sub.cache.layers))
+    rest = jax.tree.map(lambda big, small: big.at[rows_m].set(small),
+                        state.replace(cache=None, tokens_bs=None), sub.replace(cache=None, tokens_bs=None))
+    return rest.replace(cache=KVCache(layers, state.cache.lengths_b.at[rows_m].set(sub.cache.lengths_b)),
+                        tokens_bs=state.tokens_bs.at[rows_m, :length].set(sub.tokens_bs))
+
+
+def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, rows_m: jax.Array | None,
+           stop_m: jax.Array, *, n_steps: int, length: int, mode: SamplingMode
+           ) -> tuple[DecodeState, jax.Array]:
+    """Up to `n_steps` one-token steps of the m rows `rows_m` (distinct slots; None: every slot, which a
+    sharded state needs: gathering rows would move caches between devices), over the first `length`
+    cache slots of each (the caller keeps every row's filled length + n_steps within it): a step costs
+    what the live rows and their context need, not the whole state. `stop_m` marks rows the host ended
+    (a stop string, a client gone, an empty slot). Returns the state and the emitted tokens [m, n_steps]
+    (pad where a row was not live)."""
     model = nnx.merge(graphdef, params)
-    out_bn = jnp.full((state.slots, n_steps), mode.pad_id, jnp.int32)
+    sub = _take_rows(state, rows_m, length)
+    out_mn = jnp.full((sub.slots, n_steps), mode.pad_id, jnp.int32)
 
     def cond(carry):
         i, st, _ = carry
         return (i < n_steps) & ~jnp.all(st.done_b)
 
     def body(carry):
-        i, st, out_bn = carry
-        live_b = ~st.done_b
-        old_lengths_b = st.cache.lengths_b
+        i, st, out_mn = carry
+        live_m = ~st.done_b
+        old_lengths_m = st.cache.lengths_b
         # finished rows run too (fixed shapes); their writes land at their own next slot, never read
-        logits_bv, cache = model.decode(st.token_b, st.cache)
-        lengths_b = jnp.where(live_b, cache.lengths_b, old_lengths_b)
-        rows_b = jnp.arange(st.slots)
-        tokens_bs = st.tokens_bs.at[rows_b, old_lengths_b].set(jnp.where(live_b, st.token_b,
-                                                                         st.tokens_bs[rows_b, old_lengths_b]))
-        st = st.replace(cache=cache.replace(lengths_b=lengths_b), tokens_bs=tokens_bs)
-        token_b = sample_tokens(logits_bv, st.keys_b2, st.n_gen_b, st.params, mode, st.tokens_bs, lengths_b)
-        st, emitted_b = _record(st, token_b, live_b, mode)
-        return i + 1, st, jax.lax.dynamic_update_slice_in_dim(out_bn, emitted_b[:, None], i, 1)
+        logits_mv, cache = model.decode(st.token_b, st.cache)
+        lengths_m = jnp.where(live_m, cache.lengths_b, old_lengths_m)
+        rows = jnp.arange(st.slots)
+        tokens_ms = st.tokens_bs.at[rows, old_lengths_m].set(jnp.where(live_m, st.token_b,
+                                                                       st.tokens_bs[rows, old_lengths_m]))
+        st = st.replace(cache=cache.replace(lengths_b=lengths_m), tokens_bs=tokens_ms)
+        token_m = sample_tokens(logits_mv, st.keys_b2, st.n_gen_b, st.params, mode, st.tokens_bs, lengths_m)
+        st, emitted_m = _record(st, token_m, live_m, mode)
+        return i + 1, st, jax.lax.dynamic_update_slice_in_dim(out_mn, emitted_m[:, None], i, 1)
 
-    state = state.replace(done_b=state.done_b | stop_b)
-    _, state, out_bn = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, out_bn))
-    return state, out_bn
+    sub = sub.replace(done_b=sub.done_b | stop_m)
+    _, sub, out_mn = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), sub, out_mn))
+    return _put_rows(state, rows_m, sub), out_mn
 
 
 def grow(state: DecodeState, *, capacity: int) -> DecodeState:
@@ -257,13 +288,32 @@ class Engine:
         out_sh = None if self.mesh is None else (self.state_shardings(state.slots, state.capacity), None)
         return self._compiled(key, fn, args, donate=(1,), out_shardings=out_sh)(*args)
 
-    def decode(self, state: DecodeState, stop_b: np.ndarray, n_steps: int, mode: SamplingMode
-               ) -> tuple[DecodeState, jax.Array]:
-        args = (self.params, state, self.put(stop_b))
-        fn = functools.partial(decode, self.graphdef, n_steps=n_steps, mode=mode)
-        key = ("decode", state.slots, state.capacity, n_steps, mode)
+    def decode(self, state: DecodeState, rows_m: np.ndarray | None, stop_m: np.ndarray, n_steps: int,
+               length: int, mode: SamplingMode) -> tuple[DecodeState, jax.Array]:
+        """Run `decode` on rows `rows_m` (host ints, distinct; None: all) over their first `length`
+        cache slots."""
+        args = self._decode_args(state, rows_m, stop_m)
+        return self._decode_program(state, rows_m is None, len(stop_m), n_steps, length, mode, args)(*args)
+
+    def compile_decode(self, state: DecodeState, m: int, n_steps: int, length: int, mode: SamplingMode) -> None:
+        """Compile (without running) `decode` for m rows of this state (all of them when m is its slots)
+        over `length` cache slots."""
+        rows_m = None if m == state.slots else np.arange(m, dtype=np.int32)
+        args = self._decode_args(state, rows_m, np.arange(m) > 0)
+        self._decode_program(state, rows_m is None, m, n_steps, length, mode, args)
+
+    def _decode_args(self, state: DecodeState, rows_m: np.ndarray | None, stop_m: np.ndarray) -> tuple:
+        rep = functools.partial(self.put, batched=False)
+        rows_m = None if rows_m is None else rep(np.asarray(rows_m, np.int32))
+        stop_m = np.asarray(stop_m, bool)
+        return self.params, state, rows_m, self.put(stop_m) if rows_m is None else rep(stop_m)
+
+    def _decode_program(self, state: DecodeState, every_row: bool, m: int, n_steps: int, length: int,
+                        mode: SamplingMode, args: tuple) -> Any:
+        fn = functools.partial(decode, self.graphdef, n_steps=n_steps, length=length, mode=mode)
+        key = ("decode", state.slots, state.capacity, every_row, m, n_steps, length, mode)
         out_sh = None if self.mesh is None else (self.state_shardings(state.slots, state.capacity), None)
-        return self._compiled(key, fn, args, donate=(1,), out_shardings=out_sh)(*args)
+        return self._compiled(key, fn, args, donate=(1,), out_shardings=out_sh)
 
     def grow(self, state: DecodeState, capacity: int) -> DecodeState:
         fn = functools.partial(grow, capacity=capacity)

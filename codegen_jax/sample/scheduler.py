@@ -89,16 +89,19 @@ class Scheduler:
     calls `submit`, `cancel` and `step` (the server's engine thread)."""
 
     def __init__(self, engine: Engine, tokenizer: Any, slots: int, *, refill: bool = True, chunk: int = 16,
-                 min_capacity: int = 64, max_group: int = 0, open_queue: bool = False):
+                 min_capacity: int = 64, max_group: int = 0, open_queue: bool = False, precompile: bool = False):
         """`chunk`: decode steps per round when rows may need the host in between (stop strings,
         streaming, waiting requests); `min_capacity`: the smallest cache (the server sets the context,
         so shapes never change); `max_group`: the most prompts prefilled together (0: any; the server
         uses 1, so a request's prefill has the same shape however many arrive with it); `open_queue`:
-        requests may arrive at any time (a server), so every round is one chunk."""
+        requests may arrive at any time (a server), so every round is one chunk; `precompile`: the
+        first decode of a sampling mode compiles every rows/length bucket (the server: no request
+        compiles once its mode has been seen)."""
         self.engine, self.tokenizer = engine, tokenizer
         self.slots = -(-slots // engine.dp) * engine.dp
         self.refill, self.chunk, self.min_capacity = refill, chunk, min_capacity
         self.max_group, self.open_queue = max_group or self.slots, open_queue
+        self.precompile, self._precompiled = precompile, set()
         self.context = engine.model_cfg.max_seq_len
         self.vocab_limit = min(engine.model_cfg.vocab_size, tokenizer.vocab_size)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -106,6 +109,7 @@ class Scheduler:
         self.finished: list[Result] = []
         self.state: DecodeState | None = None
         self.stats = {"run_s": 0.0, "new_tokens": 0, "prefills": 0, "decode_calls": 0}
+        self.decode_shapes: collections.Counter = collections.Counter()  # (live, rows, cache length) -> calls
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -235,14 +239,54 @@ class Scheduler:
             n_steps = self.chunk
         else:  # nothing to check or admit before the rows end: one call to the end
             n_steps = bucket(max(row.request.max_new_tokens - len(row.tokens) for row in rows), self.chunk)
-        stop_b = np.array([s not in self.rows for s in range(self.slots)])  # empty slots: done
-        self.state, out_bn = self.engine.decode(self.state, stop_b, n_steps,
-                                                self._mode([row.request for row in rows]))
+        # only the running rows, padded with empty slots to a bucket of rows, over the cache slots
+        # they can reach in this call
+        m = self._rows_bucket(len(self.rows))
+        every = m == self.slots
+        if every:  # in slot order
+            rows_m = list(range(self.slots))
+        else:
+            rows_m = (sorted(self.rows) + [s for s in range(self.slots) if s not in self.rows])[:m]
+        reach = max(len(row.request.ids) + min(row.request.max_new_tokens, len(row.tokens) - 1 + n_steps)
+                    for row in rows)
+        length = self._length_bucket(reach)
+        mode = self._mode([row.request for row in rows])
+        if self.precompile:
+            self._compile_all(n_steps, mode)
+        stop_m = np.array([s not in self.rows for s in rows_m])
+        self.state, out_mn = self.engine.decode(self.state, None if every else np.array(rows_m),
+                                                stop_m, n_steps, length, mode)
         self.stats["decode_calls"] += 1
-        out_bn, n_gen_b = fetch(out_bn), fetch(self.state.n_gen_b)
-        for slot, row in self.rows.items():
-            self._take(slot, [int(t) for t in out_bn[slot, :int(n_gen_b[slot]) - len(row.tokens)]])
+        self.decode_shapes[(len(self.rows), m, length)] += 1
+        out_mn, n_gen_b = fetch(out_mn), fetch(self.state.n_gen_b)
+        for i, slot in enumerate(rows_m):
+            if slot in self.rows:
+                row = self.rows[slot]
+                self._take(slot, [int(t) for t in out_mn[i, :int(n_gen_b[slot]) - len(row.tokens)]])
         self._collect()
+
+    def _rows_bucket(self, n: int) -> int:
+        """Rows decoded together for n running ones: a power of two, at most the slots; every slot
+        when the state is split over data-parallel devices (see `engine.decode`)."""
+        return self.slots if self.engine.dp > 1 else min(pow2_at_least(n), self.slots)
+
+    def _length_bucket(self, reach: int) -> int:
+        """Cache slots attended for rows that reach `reach` slots: a power of two >= 64, at most the
+        state's capacity."""
+        return min(max(pow2_at_least(reach), 64), self.state.capacity)
+
+    def _compile_all(self, n_steps: int, mode: SamplingMode) -> None:
+        """Compile `decode` for every rows and length bucket of this state (once per mode), so that no
+        later mix of requests compiles (the server)."""
+        key = (n_steps, mode, self.state.capacity)
+        if key in self._precompiled:
+            return
+        self._precompiled.add(key)
+        ms = sorted({self._rows_bucket(n) for n in range(1, self.slots + 1)})
+        lengths = sorted({self._length_bucket(r) for r in range(1, self.state.capacity + 1)})
+        for m in ms:
+            for length in lengths:
+                self.engine.compile_decode(self.state, m, n_steps, length, mode)
 
     def _take(self, slot: int, tokens: list[int]) -> None:
         row = self.rows[slot]

@@ -24,11 +24,15 @@ class Busy(Exception):
 
 
 class Worker:
-    def __init__(self, gen: Generator, slots: int = 16, max_queue: int = 64, chunk: int = 8):
-        # the whole context per slot and one prompt per prefill: every request runs in the same shapes
-        # whatever arrives with it, so concurrent results equal results alone, and nothing recompiles
+    def __init__(self, gen: Generator, slots: int = 16, max_queue: int = 64, chunk: int = 8,
+                 precompile: bool = False):
+        # the whole context per slot and one prompt per prefill: a request's prefill has the same shape
+        # whatever arrives with it, so concurrent results equal results alone; with `precompile` every
+        # decode bucket compiles the first time a sampling mode is seen (the warm-up), so no later mix
+        # of requests in that mode compiles
         self.scheduler = Scheduler(gen.engine, gen.tokenizer, slots, refill=True, chunk=chunk,
-                                   min_capacity=gen.model_cfg.max_seq_len, max_group=1, open_queue=True)
+                                   min_capacity=gen.model_cfg.max_seq_len, max_group=1, open_queue=True,
+                                   precompile=precompile)
         self.slots, self.max_queue = self.scheduler.slots, max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[int, Callable[[Result], None]] = {}  # id(request) -> result callback
