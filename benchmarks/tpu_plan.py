@@ -53,10 +53,11 @@ def main() -> None:
                "seq": cfg.data.seq_len, "args_gib": p["argument_bytes"] / GIB, "temps_gib": temps / GIB,
                "total_gib": p["per_device_bytes"] / GIB, "hbm_gib": r["hbm_bytes"] / GIB, "fits": p["fits"],
                "spare": 1 - p["per_device_bytes"] / r["hbm_bytes"], "step_s": e.get("step_s"),
-               "mfu": e.get("mfu"), "flops_check": e.get("check_ratio"), "compile_s": p["compile_s"],
+               "mfu": e.get("mfu"), "mfu_no_overlap": e.get("mfu_no_overlap"), "flops_check": e.get("check_ratio"), "compile_s": p["compile_s"],
                "plan_s": time.perf_counter() - t0}
         rows.append(row)
-        est = (f"est. step {row['step_s']:.2f} s, MFU {row['mfu']:.1%}, FLOPs check {row['flops_check']:.3f}"
+        est = (f"est. step {row['step_s']:.2f} s, MFU {row['mfu']:.1%} (no overlap: {row['mfu_no_overlap']:.1%}), "
+               f"FLOPs check {row['flops_check']:.3f}"
                if row["step_s"] else "no estimate")
         print(f"{name:<11}{topology:<9}{r['chips']:>4} chips  batch {row['batch']}x{row['seq']}: args "
               f"{row['args_gib']:6.2f} + temps {row['temps_gib']:6.2f} = {row['total_gib']:6.2f} of "

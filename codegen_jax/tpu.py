@@ -171,13 +171,14 @@ class CompileReport:
         return out
 
 
-def compile_report(name: str, jitted: Any, args: tuple, mesh: jax.sharding.Mesh) -> CompileReport:
+def compile_report(name: str, jitted: Any, args: tuple, mesh: jax.sharding.Mesh,
+                   compiler_options: dict[str, Any] | None = None) -> CompileReport:
     """Lower and compile `jitted` for `args` (abstract, sharded on the topology's `mesh`)."""
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = jitted.lower(*args)
         try:
-            compiled = lowered.compile()
+            compiled = lowered.compile(compiler_options=compiler_options)
         except Exception as e:  # noqa: BLE001 - out of HBM is a result, anything else re-raised
             message = str(e)
             if "RESOURCE_EXHAUSTED" not in message:

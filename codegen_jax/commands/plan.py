@@ -83,8 +83,10 @@ def _print_topology(r: dict) -> None:
     e = r.get("estimate")
     if e:
         step = f"{e['step_s']:.3f} s" if e["step_s"] >= 0.1 else f"{e['step_s'] * 1e3:.2f} ms"
+        serial = e["step_s_no_overlap"]
         print(f"estimated train step (roofline, not a measurement): {step}, {e['bound']}-bound, "
-              f"MFU {e['mfu']:.1%} of {e['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak; remat factor "
+              f"MFU {e['mfu']:.1%} of {e['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak with compute and ICI "
+              f"overlapped, {e['mfu_no_overlap']:.1%} ({serial:.3g} s) with no overlap; remat factor "
               f"{e['remat_factor']:.2f}")
         print(f"  FLOPs check: the compiler counts {e['check_ratio']:.3f}x our analytic FLOPs on "
               f"{e['check_program']} (as compiled, loop bodies count once and Pallas kernels not at all: "
