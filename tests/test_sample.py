@@ -139,6 +139,23 @@ def test_decode_runs_only_the_live_rows_over_the_cache_they_reach_and_equals_eac
         assert (result.tokens, result.finish_reason) == (alone.tokens, alone.finish_reason)
 
 
+def test_fixed_shapes_decode_every_slot_over_the_whole_cache(setup):
+    """`fixed_shapes` (the server's --batch-invariant): the same rows run in one shape only, every slot
+    over the state's capacity, whatever is live, with the same tokens."""
+    from codegen_jax.sample.scheduler import Request, Scheduler
+
+    _, _, tok, gen = setup
+    requests = [Request(gen.prompt_ids(p, 8), n) for p, n in zip(PROMPTS, [3, 17, 9])]
+    capacity = gen.model_cfg.max_seq_len
+    runs = [Scheduler(gen.engine, tok, slots=4, chunk=4, min_capacity=capacity, open_queue=True, fixed_shapes=fixed)
+            for fixed in (True, False)]
+    fixed, bucketed = (sched.run(requests) for sched in runs)
+    assert {(m, length) for _, m, length in runs[0].decode_shapes} == {(4, capacity)}
+    assert {live for live, _, _ in runs[0].decode_shapes} == {3, 2, 1}
+    assert len({(m, length) for _, m, length in runs[1].decode_shapes}) > 1
+    assert [r.tokens for r in fixed] == [r.tokens for r in bucketed]
+
+
 def test_cancelling_a_waiting_row_returns_its_result_and_a_running_one_ends_next_step(setup):
     """A server client that leaves: every row it had gets a result (so the server's count of rows in
     hand comes back down), the waiting ones at once, the running ones at the next step."""

@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=0,
                    help="before listening, compile the programs for prompts up to this many tokens and "
                         "every decode bucket (rows x cache length) for greedy and sampled requests")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="decode every slot over the whole context each step, so a request's output is "
+                        "bitwise what it is alone (by default the live rows run in buckets: faster, equal "
+                        "up to float rounding)")
     p.set_defaults(run=run)
 
 
@@ -41,7 +45,8 @@ def run(args: argparse.Namespace) -> None:
 
     gen = Generator.from_checkpoint(args.checkpoint)
     name = args.model_name or _default_name(args.checkpoint)
-    worker = Worker(gen, slots=args.slots, max_queue=args.max_queue, precompile=bool(args.warmup))
+    worker = Worker(gen, slots=args.slots, max_queue=args.max_queue, precompile=bool(args.warmup),
+                    batch_invariant=args.batch_invariant)
     worker.start()
     if args.warmup:
         _warm_up(gen, worker, args.warmup)

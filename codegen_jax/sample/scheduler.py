@@ -89,19 +89,23 @@ class Scheduler:
     calls `submit`, `cancel` and `step` (the server's engine thread)."""
 
     def __init__(self, engine: Engine, tokenizer: Any, slots: int, *, refill: bool = True, chunk: int = 16,
-                 min_capacity: int = 64, max_group: int = 0, open_queue: bool = False, precompile: bool = False):
+                 min_capacity: int = 64, max_group: int = 0, open_queue: bool = False, precompile: bool = False,
+                 fixed_shapes: bool = False):
         """`chunk`: decode steps per round when rows may need the host in between (stop strings,
         streaming, waiting requests); `min_capacity`: the smallest cache (the server sets the context,
         so shapes never change); `max_group`: the most prompts prefilled together (0: any; the server
         uses 1, so a request's prefill has the same shape however many arrive with it); `open_queue`:
         requests may arrive at any time (a server), so every round is one chunk; `precompile`: the
         first decode of a sampling mode compiles every rows/length bucket (the server: no request
-        compiles once its mode has been seen)."""
+        compiles once its mode has been seen); `fixed_shapes`: every decode call runs every slot over
+        the whole cache, so a row's numbers never depend on what runs beside it (the buckets change
+        the matmul and reduction shapes, which moves logits by float rounding, ~1e-6: greedy output
+        differs only at such near-ties), at the cost of decoding all slots at full length."""
         self.engine, self.tokenizer = engine, tokenizer
         self.slots = -(-slots // engine.dp) * engine.dp
         self.refill, self.chunk, self.min_capacity = refill, chunk, min_capacity
         self.max_group, self.open_queue = max_group or self.slots, open_queue
-        self.precompile, self._precompiled = precompile, set()
+        self.precompile, self._precompiled, self.fixed_shapes = precompile, set(), fixed_shapes
         self.context = engine.model_cfg.max_seq_len
         self.vocab_limit = min(engine.model_cfg.vocab_size, tokenizer.vocab_size)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -267,12 +271,14 @@ class Scheduler:
 
     def _rows_bucket(self, n: int) -> int:
         """Rows decoded together for n running ones: a power of two, at most the slots; every slot
-        when the state is split over data-parallel devices (see `engine.decode`)."""
-        return self.slots if self.engine.dp > 1 else min(pow2_at_least(n), self.slots)
+        when the state is split over data-parallel devices (see `engine.decode`) or shapes are fixed."""
+        return self.slots if self.engine.dp > 1 or self.fixed_shapes else min(pow2_at_least(n), self.slots)
 
     def _length_bucket(self, reach: int) -> int:
         """Cache slots attended for rows that reach `reach` slots: a power of two >= 64, at most the
-        state's capacity."""
+        state's capacity (the capacity itself when shapes are fixed)."""
+        if self.fixed_shapes:
+            return self.state.capacity
         return min(max(pow2_at_least(reach), 64), self.state.capacity)
 
     def _compile_all(self, n_steps: int, mode: SamplingMode) -> None:

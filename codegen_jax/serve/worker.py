@@ -25,14 +25,15 @@ class Busy(Exception):
 
 class Worker:
     def __init__(self, gen: Generator, slots: int = 16, max_queue: int = 64, chunk: int = 8,
-                 precompile: bool = False):
+                 precompile: bool = False, batch_invariant: bool = False):
         # the whole context per slot and one prompt per prefill: a request's prefill has the same shape
         # whatever arrives with it, so concurrent results equal results alone; with `precompile` every
         # decode bucket compiles the first time a sampling mode is seen (the warm-up), so no later mix
-        # of requests in that mode compiles
+        # of requests in that mode compiles; `batch_invariant` fixes the decode shapes (every slot, the
+        # whole context), so results are bitwise those of the request alone
         self.scheduler = Scheduler(gen.engine, gen.tokenizer, slots, refill=True, chunk=chunk,
                                    min_capacity=gen.model_cfg.max_seq_len, max_group=1, open_queue=True,
-                                   precompile=precompile)
+                                   precompile=precompile, fixed_shapes=batch_invariant)
         self.slots, self.max_queue = self.scheduler.slots, max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[int, Callable[[Result], None]] = {}  # id(request) -> result callback
