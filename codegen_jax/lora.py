@@ -102,6 +102,11 @@ def split(params: dict, mask: Any) -> tuple[dict, dict]:
     return pick(True), pick(False)
 
 
+def trained(params: dict, lora: Any) -> dict:
+    """The part of `params` training updates (the adapters with LoRA on, else all of it)."""
+    return split(params, trainable(params, lora))[0]
+
+
 def join(trainable_params: dict, frozen: dict) -> dict:
     """The params dict `split` took apart."""
     from flax import traverse_util

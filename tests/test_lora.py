@@ -37,7 +37,7 @@ def _models(cfg, seed=3):
     adapted = create_model(cfg.model, seed=seed, lora=cfg.lora)
     base = nnx.to_pure_dict(nnx.state(plain))
     full = nnx.to_pure_dict(nnx.state(adapted))
-    params = lora.join(lora.split(full, lora.trainable(full, cfg.lora))[0], base)
+    params = lora.join(lora.trained(full, cfg.lora), base)
     state = nnx.state(adapted)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(adapted, state)
@@ -54,7 +54,7 @@ def _step(cfg, params):
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     graphdef, _ = nnx.split(create_model(cfg.model, lora=cfg.lora))
     opt = make_optimizer(cfg.optim, 10)
-    trained = lora.split(params, lora.trainable(params, cfg.lora))[0]
+    trained = lora.trained(params, cfg.lora)
     shardings = TrainState(NamedSharding(mesh, P()), jax.tree.map(lambda _: NamedSharding(mesh, P()), params),
                            None)
     step = make_train_step(graphdef, opt, schedule(cfg.optim, 10), mesh, shardings, lora_cfg=cfg.lora)

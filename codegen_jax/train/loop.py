@@ -115,7 +115,7 @@ def _setup(cfg: Config, workdir: Any, init_from: str | None, progress: Progress)
     optimizer: optax.GradientTransformation = make_optimizer(cfg.optim, cfg.train.steps)
     state_sh, abstract = train_state_layout(params_state, optimizer, mesh, cfg.lora)
     params = nnx.to_pure_dict(params_state)
-    trained = lora.split(params, lora.trainable(params, cfg.lora))[0]  # with LoRA: the adapters
+    trained = lora.trained(params, cfg.lora)  # with LoRA: the adapters
     opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(trained)
     state = TrainState(jax.device_put(np.int32(0), state_sh.step), params, opt_state)
     mngr = ckpt.manager(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
@@ -142,7 +142,7 @@ def _setup(cfg: Config, workdir: Any, init_from: str | None, progress: Progress)
                       else lora.strip(src_params))
         src_params = layer_layout(src_params, src_cfg.model.scan_layers, cfg.model.scan_layers)
         if cfg.lora.enabled:  # the source's weights, this run's fresh adapters (B = 0: the same function)
-            src_params = lora.join(lora.split(params, lora.trainable(params, cfg.lora))[0], src_params)
+            src_params = lora.join(lora.trained(params, cfg.lora), src_params)
         state = TrainState(state.step, jax.device_put(src_params, state_sh.params), opt_state)
         progress.message(f"initialised params from {init_from} (step {step}); fresh optimizer"
                          + (f"; LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}" if cfg.lora.enabled else ""))
