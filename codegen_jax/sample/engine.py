@@ -14,7 +14,8 @@ state (nnx.merge inside, Flax's functional form), compiled ahead of time once pe
 The `Engine` owns the model state, the mesh and the compiled programs; `scheduler.py` decides what
 to admit and when (static batches for `Generator`, continuous batching for the server). Random
 streams are keyed per row by its (seed, prompt index, sample index) key and the number of tokens it
-has sampled, so a row's samples do not depend on batching, padding, its slot or the mesh.
+has sampled, so a row's random draws do not depend on batching, padding, its slot or the mesh (its
+logits do, by float rounding, when the rows and length buckets of a decode call change its shapes).
 Shape suffixes: b slots, n admitted rows, m decoded rows, p prompt length, s cache slots, v vocab.
 """
 
