@@ -59,7 +59,7 @@ def hf_model(params, cfg):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from codegen_jax.hf import transformers_config
+    from codegen_jax.hf_config import transformers_config
     from codegen_jax.hf_params import to_hf_state_dict
 
     hf_cfg = transformers_config(cfg)  # no special token ids: EOS never stops a row

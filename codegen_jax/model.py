@@ -1,8 +1,8 @@
 """The Llama-family decoder in Flax NNX: the same function as HF transformers' `LlamaForCausalLM`
 (and, through `model.norm` / `model.mlp` and the bias flags, `Starcoder2ForCausalLM`).
 
-Read top to bottom: RMSNorm / LayerNorm -> RoPE (with its scalings) -> attention -> SwiGLU / GELU
-MLP -> Block -> Decoder. The norm and MLP kinds pick modules when the model is built, so the Llama
+Read top to bottom: RMSNorm / LayerNorm -> attention (RoPE and its scalings: `rope.py`) -> SwiGLU /
+GELU MLP -> Block -> Decoder. The norm and MLP kinds pick modules when the model is built, so the Llama
 path has no per-call branches. Each layer has two entry points sharing its projection, RoPE and
 masking code:
 - `__call__` runs whole rows: training on packed rows (segment ids, positions), and prefill, which
@@ -22,12 +22,12 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from codegen_jax import attention
 from codegen_jax import lora as lora_lib
 from codegen_jax.config import ModelConfig
+from codegen_jax.rope import rope, rope_attention_scale, rope_inv_freq
 from codegen_jax.sharding import constrain, state_shardings
 
 _REMAT_POLICIES = {
@@ -122,79 +122,6 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     lead, inner = x.shape[:x.ndim - n_in], w.shape[:n_in]
     y = jnp.dot(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1))
     return y.reshape(*lead, *w.shape[n_in:])
-
-
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """RoPE's inverse frequencies [head_dim / 2] (fp32) under `model.rope_scaling`: computed once per
-    config (cached) with transformers' formulas, and shared by training, prefill and decode."""
-    return _inv_freq(cfg.head_dim, float(cfg.rope_theta), cfg.rope_scaling, float(cfg.rope_factor),
-                     cfg.rope_original_max_seq_len, float(cfg.rope_low_freq_factor),
-                     float(cfg.rope_high_freq_factor), float(cfg.rope_beta_fast), float(cfg.rope_beta_slow),
-                     bool(cfg.rope_truncate))
-
-
-def rope_attention_scale(cfg: ModelConfig) -> float:
-    """The factor yarn multiplies cos and sin by (so q.k by its square), 1.0 for the other kinds: HF's
-    `attention_factor`, by default `0.1 * ln(factor) + 1` (`_compute_yarn_parameters.get_mscale`)."""
-    if cfg.rope_scaling != "yarn":
-        return 1.0
-    if cfg.rope_attention_factor > 0:
-        return float(cfg.rope_attention_factor)
-    return 1.0 if cfg.rope_factor <= 1 else 0.1 * math.log(cfg.rope_factor) + 1.0
-
-
-@functools.lru_cache(maxsize=64)
-def _inv_freq(k: int, theta: float, kind: str, factor: float, original: int, low_freq: float,
-              high_freq: float, beta_fast: float, beta_slow: float, truncate: bool) -> np.ndarray:
-    """transformers.modeling_rope_utils' `_compute_{linear_scaling,llama3,yarn}_parameters` (and the
-    default `compute_default_rope_parameters`), in numpy fp32 as torch computes them."""
-    base_k2 = theta ** (np.arange(0, k, 2, dtype=np.float32) / k)  # fp32: python floats are weak
-    inv_freq = 1.0 / base_k2
-    if kind == "linear":
-        inv_freq = inv_freq / factor
-    elif kind == "llama3":
-        low_wavelen, high_wavelen = original / low_freq, original / high_freq
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (original / wavelen - low_freq) / (high_freq - low_freq)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        inv_freq = np.where(medium, smoothed, scaled)
-    elif kind == "yarn":
-        def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times in context
-            return k * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-        low, high = dim_of(beta_fast), dim_of(beta_slow)
-        if truncate:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, k - 1)
-        if low == high:
-            high += 0.001  # HF's guard against a zero-width ramp
-        ramp = np.clip((np.arange(k // 2, dtype=np.float32) - low) / (high - low), 0, 1)
-        extrapolated = 1 - ramp
-        inv_freq = 1.0 / (factor * base_k2) * (1 - extrapolated) + inv_freq * extrapolated
-    elif kind != "none":
-        raise ValueError(f"unknown model.rope_scaling {kind!r}")  # config.validate refuses it first
-    inv_freq = np.asarray(inv_freq, np.float32)
-    inv_freq.flags.writeable = False  # shared by every caller through the cache
-    return inv_freq
-
-
-def rope(x: jax.Array, positions: jax.Array, inv_freq_k2: np.ndarray, scale: float = 1.0) -> jax.Array:
-    """Rotary embedding of x [..., k] at `positions` shaped like x[..., 0] up to broadcasting ([b, 1, t]
-    for head-major [b, h, t, k], [b, 1] for [b, h, k]), with inverse frequencies `inv_freq_k2` [k / 2]
-    (`rope_inv_freq`) and cos/sin times `scale` (yarn), in HF's rotate-half layout (first half / second
-    half, not interleaved). HF's x * cos + rotate_half(x) * sin written on the halves,
-    [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]: half-width cos/sin and no negated copy, ~40% less
-    work forward and backward on CPU."""
-    k = x.shape[-1]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq_k2
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    if scale != 1.0:  # as HF: scaled in fp32, before the cast
-        cos, sin = cos * scale, sin * scale
-    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-    x1, x2 = x[..., : k // 2], x[..., k // 2:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 class Attention(nnx.Module):
@@ -513,33 +440,6 @@ def abstract_model(cfg: ModelConfig, platform: str | None = None, lora: Any = No
     cfg = resolve_config(cfg, platform or jax.default_backend())
     with nnx.use_eager_sharding(False):
         return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0, lora=0), lora)))
-
-
-def param_count(cfg: ModelConfig) -> int:
-    """Analytic parameter count (the tests check it against the real model)."""
-    d, h, g, k, f, v, n = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
-                           cfg.vocab_size, cfg.n_layers)
-    attn = (d * h * k * 2 + d * g * k * 2 + ((h + 2 * g) * k if cfg.attention_bias else 0)
-            + (d if cfg.attention_out_bias else 0))
-    mlp = _mlp_matrices(cfg) * d * f + (f + d if cfg.mlp_bias else 0)
-    norm = d if cfg.norm == "rms" else 2 * d  # LayerNorm: weight and bias
-    per_layer = attn + mlp + 2 * norm
-    return v * d + n * per_layer + norm + (0 if cfg.tie_embeddings else d * v)
-
-
-def _mlp_matrices(cfg: ModelConfig) -> int:
-    return 3 if cfg.mlp == "swiglu" else 2  # gate, up, down | fc, proj
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
-    """Model FLOPs per token: 2 per matmul weight (embedding lookup excluded) plus attention's two
-    [t, s] matmuls counted over the causal half, as MaxText does; training is 3x forward."""
-    d, h, g, k, f, v, n = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
-                           cfg.vocab_size, cfg.n_layers)
-    matmul_params = n * (d * h * k * 2 + d * g * k * 2 + _mlp_matrices(cfg) * d * f) + d * v
-    attention_flops = n * 2 * 2 * h * k * seq_len / 2
-    forward = 2 * matmul_params + attention_flops
-    return 3 * forward if training else forward
 
 
 def layer_layout(params: dict, scanned: bool, scan_layers: bool) -> dict:

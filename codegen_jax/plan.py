@@ -14,8 +14,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from codegen_jax.config import Config, mesh_shape
-from codegen_jax.model import abstract_model, flops_per_token, param_count, resolve_config
+from codegen_jax.config import Config
+from codegen_jax.config_checks import mesh_shape
+from codegen_jax.flops import flops_per_token, param_count
+from codegen_jax.model import abstract_model, resolve_config
 from codegen_jax.sharding import batch_sharding, logical_to_spec
 
 GIB = 1024**3
@@ -251,7 +253,7 @@ def plan_topology(cfg: Config, topology: str, programs: tuple[str, ...] = ("trai
     memory against HBM; with `estimate`, the compiler's FLOPs against the analytic ones and a roofline
     estimate of the step time and MFU (vendor peak FLOP/s, HBM and ICI bandwidth; perfect overlap)."""
     from codegen_jax import tpu
-    from codegen_jax.config import check_batch
+    from codegen_jax.config_checks import check_batch
     from codegen_jax.sharding import make_mesh
 
     topo = tpu.parse_topology(topology)

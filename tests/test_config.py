@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from codegen_jax.cli import main
-from codegen_jax.config import ConfigError, load_config, mesh_shape
+from codegen_jax.config import ConfigError, load_config
+from codegen_jax.config_checks import mesh_shape
 
 
 def test_yaml_and_typed_overrides():

@@ -25,9 +25,10 @@ from codegen_jax.checkpoint import load_inference
 from codegen_jax.config import ModelConfig
 from codegen_jax.data.tokenizer import train_tokenizer
 from codegen_jax.errors import UserError
-from codegen_jax.hf import (export_architecture, export_hf, hf_config, import_hf, model_config_from_hf,
-                            transformers_config)
-from codegen_jax.model import rope_attention_scale, rope_inv_freq
+from codegen_jax.hf import export_hf, import_hf
+from codegen_jax.hf_config import (export_architecture, hf_config, model_config_from_hf,
+                                    transformers_config)
+from codegen_jax.rope import rope_attention_scale, rope_inv_freq
 from codegen_jax.sample.generator import Generator
 
 from test_hf import TEXT, _save_hf, _tensors
@@ -310,7 +311,7 @@ def test_model_config_round_trips_through_config_json(changes):
 
 
 def test_a_missing_sliding_window_key_means_the_architectures_default():
-    from codegen_jax.hf import _sliding_window
+    from codegen_jax.hf_config import _sliding_window
 
     # transformers' MistralConfig (and Qwen2Config with use_sliding_window) default to 4096 when absent
     assert _sliding_window({}, "MistralForCausalLM", 2, 131072) == 4096

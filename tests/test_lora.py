@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from codegen_jax import cli, lora
 from codegen_jax.checkpoint import write_params_checkpoint
 from codegen_jax.config import ConfigError
-from codegen_jax.hf import transformers_config
+from codegen_jax.hf_config import transformers_config
 from codegen_jax.hf_params import to_hf_state_dict
 from codegen_jax.model import create_model
 from codegen_jax.sharding import make_mesh

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from codegen_jax.config import ConfigError, load_config
-from codegen_jax.model import create_model, flops_per_token, init_cache, param_count
+from codegen_jax.flops import flops_per_token, param_count
+from codegen_jax.model import create_model, init_cache
 
 from conftest import tiny_config
 
@@ -240,7 +241,7 @@ def test_logits_equal_hf_llama(scan):
 
     cfg = tiny_config(f"model.scan_layers={scan}", "model.rope_theta=500000").model
     model = create_model(cfg, seed=11)
-    # built by hand on purpose (not through codegen_jax.hf.transformers_config): an independent check
+    # built by hand on purpose (not through codegen_jax.hf_config.transformers_config): an independent check
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,

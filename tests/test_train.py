@@ -113,7 +113,7 @@ def test_twenty_adamw_steps_match_hf_llama_and_torch():
     import torch
     import transformers
 
-    from codegen_jax.hf import transformers_config
+    from codegen_jax.hf_config import transformers_config
     from codegen_jax.hf_params import to_hf_state_dict
 
     cfg = tiny_config("optim.schedule=constant", "optim.warmup_steps=0", "optim.lr=1e-3", "optim.clip_norm=0",

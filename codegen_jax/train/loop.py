@@ -24,11 +24,13 @@ from flax import nnx
 from codegen_jax import checkpoint as ckpt
 from codegen_jax import distributed, lora, storage
 from codegen_jax.train import budget
-from codegen_jax.config import Config, LoraConfig, ModelConfig, check_batch, mesh_shape
+from codegen_jax.config import Config, LoraConfig, ModelConfig
+from codegen_jax.config_checks import check_batch, mesh_shape
 from codegen_jax.data.pipeline import make_iterator
 from codegen_jax.data.tokenizer import CodeTokenizer, get_tokenizer
 from codegen_jax.errors import UserError
-from codegen_jax.model import create_model, flops_per_token, layer_layout
+from codegen_jax.flops import flops_per_token
+from codegen_jax.model import create_model, layer_layout
 from codegen_jax.progress import SILENT, Progress
 from codegen_jax.sharding import global_batch, make_mesh, on_mesh
 from codegen_jax.train.metrics import MetricsWriter, peak_flops
