@@ -208,6 +208,22 @@ def test_prompts_longer_than_half_a_row_are_counted_skips(tmp_path, small_tokeni
         pipeline.make_iterator(cfg, small_tokenizer)
 
 
+def test_held_out_loss_is_measured_on_the_validation_documents_alone(code_corpus, small_tokenizer, tmp_path):
+    """Whatever data.pair_ratio mixes into training, the held-out stream is the split's documents, each
+    piece once (so bits/byte compares across mixes); data with nothing but pairs keeps its pairs."""
+    cfg = _cfg(code_corpus, pair_ratio=0.7)
+    held_out = pipeline.held_out_config(cfg)
+    batches = list(pipeline.make_iterator(held_out, small_tokenizer, split="validation", num_epochs=1))
+    assert sorted(_segments(batches)) == sorted(_expected_doc_pieces(cfg, small_tokenizer, "validation"))
+    mixed = list(pipeline.make_iterator(cfg, small_tokenizer, split="validation", num_epochs=1))
+    assert len(_segments(mixed)) > len(_segments(batches))  # the mix would have added the pairs
+    rows = [{"prompt": f"# p{i}\n", "completion": f"x = {i}\n"} for i in range(40)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    only_pairs = _cfg(tmp_path / "p.jsonl", pair_ratio=0.7, source="datasets", val_fraction=0.5)
+    assert load_corpus(only_pairs.data).pairs("validation")
+    assert pipeline.held_out_config(only_pairs) is only_pairs
+
+
 def test_worker_processes_give_the_in_process_batches_and_resume(code_corpus, small_tokenizer):
     cfg = _cfg(code_corpus, seq_len=64, pair_ratio=0.3)
     expected = _take(pipeline.make_iterator(cfg, small_tokenizer), 6)

@@ -252,6 +252,19 @@ def fim_active(cfg: Config, tokenizer: CodeTokenizer, split: str) -> bool:
     return split == "train" and cfg.data.fim_rate > 0 and tokenizer.fim is not None
 
 
+def held_out_config(cfg: Config) -> Config:
+    """The config whose validation stream the held-out loss is measured on: its documents alone when
+    it has documents and no chat rows, so bits/byte measures held-out files whatever data.pair_ratio
+    mixes into training (a pair's code, a single function, is easier to predict than a whole file);
+    otherwise as given."""
+    if cfg.data.source == "prepared" or cfg.data.pair_ratio <= 0:
+        return cfg
+    corpus = load_corpus(cfg.data)
+    if not corpus.plain("validation") or corpus.chats("validation"):
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pair_ratio=0.0))
+
+
 def make_dataset(cfg: Config, tokenizer: CodeTokenizer, *, split: str = "train", process_index: int = 0,
                  process_count: int = 1, batch_size: int | None = None,
                  num_epochs: int | None = None) -> grain.IterDataset:

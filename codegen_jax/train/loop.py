@@ -26,7 +26,7 @@ from codegen_jax import distributed, lora, storage
 from codegen_jax.train import budget
 from codegen_jax.config import Config, LoraConfig, ModelConfig
 from codegen_jax.config_checks import check_batch, mesh_shape
-from codegen_jax.data.pipeline import make_iterator
+from codegen_jax.data.pipeline import held_out_config, make_iterator
 from codegen_jax.data.tokenizer import CodeTokenizer, get_tokenizer
 from codegen_jax.errors import UserError
 from codegen_jax.flops import flops_per_token
@@ -155,8 +155,9 @@ def _setup(cfg: Config, workdir: Any, init_from: str | None, progress: Progress)
 
 
 def evaluate(run: _Run) -> dict[str, float]:
-    """Loss and bits per byte over the first `train.eval_batches` batches of the validation split."""
-    cfg = run.cfg
+    """Loss and bits per byte over the first `train.eval_batches` batches of the validation split's
+    documents (`pipeline.held_out_config`)."""
+    cfg = held_out_config(run.cfg)
     it = make_iterator(cfg, run.tokenizer, split="validation", process_index=jax.process_index(),
                        process_count=jax.process_count(), num_epochs=1)
     totals = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
