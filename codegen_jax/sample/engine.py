@@ -241,6 +241,7 @@ class Engine:
         self.dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.compiles, self.compile_s = 0, 0.0
         self._programs: dict[tuple, Any] = {}
+        self._shardings: dict[tuple[int, int], Any] = {}
 
     # -- host arrays in, compiled programs --------------------------------------------------------
 
@@ -254,7 +255,13 @@ class Engine:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     def state_shardings(self, slots: int, capacity: int) -> Any:
-        return None if self.mesh is None else state_shardings(self.model_cfg, self.mesh, slots, capacity)
+        """`state_shardings` of a state of this shape (None without a mesh), worked out once: it traces
+        `empty_state`, a few milliseconds of the host's time that every program call would pay."""
+        if self.mesh is None:
+            return None
+        if (slots, capacity) not in self._shardings:
+            self._shardings[slots, capacity] = state_shardings(self.model_cfg, self.mesh, slots, capacity)
+        return self._shardings[slots, capacity]
 
     def _compiled(self, key: tuple, fn: Any, args: tuple, donate: tuple[int, ...] = (),
                   out_shardings: Any = None) -> Any:
