@@ -9,7 +9,11 @@ are the streamed text re-encoded with the shared tokenizer: a server's chunks ar
 one chunk per decode round), and streamed `usage` is optional in OpenAI's protocol.
 
     python benchmarks/serve_throughput.py                           # tiny and small
-    python benchmarks/serve_throughput.py --configs tiny --clients 32 --requests 64
+    python benchmarks/serve_throughput.py --configs tiny --clients 32
+
+Each client sends `--per-client` requests (8: 256 at 32 clients), so a run measures the steady state
+rather than its ramp and drain (at 2 requests per client, half the run has slots emptying with nothing
+left to admit, which is static batching's regime).
 Needs the [test] extra (openai, httpx, accelerate for transformers serve).
 """
 
@@ -171,7 +175,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=["tiny", "small"])
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32])
-    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level (8 for 1 client)")
+    ap.add_argument("--per-client", type=int, default=8, help="requests per client at each concurrency level")
     ap.add_argument("--json")
     args = ap.parse_args()
     from codegen_jax.train.metrics import matmul_probe_flops
@@ -182,7 +186,8 @@ def main() -> None:
     try:
         for name in args.configs:
             ckpt, hf_dir, tok = make_models(name, work)
-            reqs = request_stream(tok, max(args.requests, max(args.clients)))
+            n_max = args.per_client * max(args.clients)
+            reqs = request_stream(tok, n_max)
             for server in ("ours", "hf"):
                 proc, url = ours_server(ckpt, max(args.clients)) if server == "ours" else hf_server(hf_dir)
                 try:
@@ -190,7 +195,7 @@ def main() -> None:
                     model = "m" if server == "ours" else str(hf_dir.resolve())
                     load(url, model, reqs[:4], 4, tok)  # warm-up (compiles, HF's lazy batching manager)
                     for c in args.clients:
-                        n = 8 if c == 1 else args.requests
+                        n = args.per_client * c
                         row = {"config": name, "server": server, "clients": c, **load(url, model, reqs[:n], c, tok)}
                         results.append(row)
                         print(json.dumps(row), flush=True)
@@ -198,7 +203,7 @@ def main() -> None:
                     proc.terminate()
                     proc.wait(timeout=120)
             row = {"config": name, "server": "ours-static", "clients": max(args.clients),
-                   **static_batches(ckpt, tok, reqs[:args.requests], max(args.clients))}
+                   **static_batches(ckpt, tok, reqs[:n_max], max(args.clients))}
             results.append(row)
             print(json.dumps(row), flush=True)
             _summary(results, name, max(args.clients))

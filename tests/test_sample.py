@@ -139,6 +139,21 @@ def test_decode_runs_only_the_live_rows_over_the_cache_they_reach_and_equals_eac
         assert (result.tokens, result.finish_reason) == (alone.tokens, alone.finish_reason)
 
 
+def test_decode_length_buckets_step_by_half_powers_of_two(setup):
+    """A row reaching 74 cache slots (70 of prompt, a chunk of 4) decodes over 96 of them, not 128:
+    decode reads every attended slot each step, so buckets between the powers of two save up to a
+    quarter of it."""
+    from codegen_jax.sample.scheduler import Request, Scheduler
+
+    _, _, tok, gen = setup
+    capacity = gen.model_cfg.max_seq_len
+    ids = (gen.encode_prompt("x = 1\n" * 40))[:70]
+    assert len(ids) == 70 and capacity >= 128
+    sched = Scheduler(gen.engine, tok, slots=2, chunk=4, min_capacity=capacity, open_queue=True)
+    sched.run([Request(ids, 4)])
+    assert set(sched.decode_shapes) == {(1, 1, 96)}
+
+
 def test_fixed_shapes_decode_every_slot_over_the_whole_cache(setup):
     """`fixed_shapes` (the server's --batch-invariant): the same rows run in one shape only, every slot
     over the state's capacity, whatever is live, with the same tokens."""

@@ -307,6 +307,8 @@ class Engine:
         """Compile (without running) `decode` for m rows of this state (all of them when m is its slots)
         over `length` cache slots."""
         rows_m = None if m == state.slots else np.arange(m, dtype=np.int32)
+        if self._decode_key(state, rows_m is None, m, n_steps, length, mode) in self._programs:
+            return  # compiled already: skip building (and placing) the example arguments
         args = self._decode_args(state, rows_m, np.arange(m) > 0)
         self._decode_program(state, rows_m is None, m, n_steps, length, mode, args)
 
@@ -316,10 +318,15 @@ class Engine:
         stop_m = np.asarray(stop_m, bool)
         return self.params, state, rows_m, self.put(stop_m) if rows_m is None else rep(stop_m)
 
+    @staticmethod
+    def _decode_key(state: DecodeState, every_row: bool, m: int, n_steps: int, length: int,
+                    mode: SamplingMode) -> tuple:
+        return ("decode", state.slots, state.capacity, every_row, m, n_steps, length, mode)
+
     def _decode_program(self, state: DecodeState, every_row: bool, m: int, n_steps: int, length: int,
                         mode: SamplingMode, args: tuple) -> Any:
         fn = functools.partial(decode, self.graphdef, n_steps=n_steps, length=length, mode=mode)
-        key = ("decode", state.slots, state.capacity, every_row, m, n_steps, length, mode)
+        key = self._decode_key(state, every_row, m, n_steps, length, mode)
         out_sh = None if self.mesh is None else (self.state_shardings(state.slots, state.capacity), None)
         return self._compiled(key, fn, args, donate=(1,), out_shardings=out_sh)
 
