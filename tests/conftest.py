@@ -8,6 +8,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+# One XLA compilation cache for the session, this process and every subprocess it starts (they inherit
+# the environment): the suite compiles the same tiny programs in dozens of `codegen-jax` processes, a
+# third of each one's time. Set before jax is imported; a user's own JAX_COMPILATION_CACHE_DIR wins.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="codegen_jax_tests_xla_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 import pytest
 from hypothesis import settings
 
@@ -126,3 +138,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def no_compilation_cache():
+    """TPU programs compiled here (libtpu on topology devices) are large and compiled once each:
+    writing them to the session's compilation cache only costs time (~25%).
+    Use with `pytestmark = pytest.mark.usefixtures("no_compilation_cache")`."""
+    import jax
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", before)

@@ -14,6 +14,7 @@ from codegen_jax.plan import plan_topology
 from conftest import tiny_config
 
 GIB = 1024**3
+pytestmark = pytest.mark.usefixtures("no_compilation_cache")
 
 
 @pytest.mark.parametrize("name, family, chips, topology_name", [

@@ -139,19 +139,21 @@ def test_decode_runs_only_the_live_rows_over_the_cache_they_reach_and_equals_eac
         assert (result.tokens, result.finish_reason) == (alone.tokens, alone.finish_reason)
 
 
-def test_decode_length_buckets_step_by_half_powers_of_two(setup):
-    """A row reaching 74 cache slots (70 of prompt, a chunk of 4) decodes over 96 of them, not 128:
-    decode reads every attended slot each step, so buckets between the powers of two save up to a
-    quarter of it."""
-    from codegen_jax.sample.scheduler import Request, Scheduler
+def test_decode_length_buckets_are_powers_of_two_then_half_steps_above_256(setup):
+    """Decode reads every attended slot each step: a call runs over the bucket of the slots its rows
+    reach (74 here: 70 of prompt, a chunk of 4 -> 128), with 1.5x steps above 256, where they save up
+    to a quarter of the reads."""
+    from codegen_jax.sample.scheduler import Request, Scheduler, decode_length
 
+    assert [decode_length(n) for n in (1, 64, 65, 96, 129, 256, 257, 384, 385, 513, 769, 1025)] == \
+        [64, 64, 128, 128, 256, 256, 384, 384, 512, 768, 1024, 1536]
     _, _, tok, gen = setup
     capacity = gen.model_cfg.max_seq_len
     ids = (gen.encode_prompt("x = 1\n" * 40))[:70]
     assert len(ids) == 70 and capacity >= 128
     sched = Scheduler(gen.engine, tok, slots=2, chunk=4, min_capacity=capacity, open_queue=True)
     sched.run([Request(ids, 4)])
-    assert set(sched.decode_shapes) == {(1, 1, 96)}
+    assert set(sched.decode_shapes) == {(1, 1, 128)}
 
 
 def test_fixed_shapes_decode_every_slot_over_the_whole_cache(setup):

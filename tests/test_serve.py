@@ -75,8 +75,9 @@ def checkpoint(small_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    # warmed: every decode bucket of greedy and sampled requests compiled before it listens
-    s = Server(checkpoint, "--slots", "8", "--max-queue", "64", "--api-key", KEY, "--warmup", "16")
+    # warmed: every decode bucket of greedy, sampled and top_p requests compiled before it listens (4
+    # slots: 3 rows buckets x 3 cache lengths per mode)
+    s = Server(checkpoint, "--slots", "4", "--max-queue", "64", "--api-key", KEY, "--warmup", "16")
     yield s
     s.close()
 

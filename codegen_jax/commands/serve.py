@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, let requests finish this long")
     p.add_argument("--warmup", type=int, default=0,
                    help="before listening, compile the programs for prompts up to this many tokens and "
-                        "every decode bucket (rows x cache length) for greedy and sampled requests")
+                        "every decode bucket (rows x cache length) for greedy, sampled and top_p requests")
     p.add_argument("--batch-invariant", action="store_true",
                    help="decode every slot over the whole context each step, so a request's output is "
                         "bitwise what it is alone (by default the live rows run in buckets: faster, equal "
@@ -76,7 +76,9 @@ def _default_name(checkpoint: str) -> str:
 
 
 def _warm_up(gen, worker, max_prompt: int) -> None:
-    """One greedy and one sampled request per prompt bucket up to `max_prompt` tokens."""
+    """A greedy request and two sampled ones (without and with top_p: each is its own program; the
+    `openai` client's defaults, temperature 1 and top_p 1, are the first) per prompt bucket up to
+    `max_prompt` tokens."""
     import threading
 
     from codegen_jax.sample.scheduler import Request, bucket
@@ -87,7 +89,7 @@ def _warm_up(gen, worker, max_prompt: int) -> None:
         n = bucket(n) + 1
     done = threading.Semaphore(0)
     requests = [Request([gen.tokenizer.bos_id] * size, 2, temperature, top_p=top_p)
-                for size in sizes for temperature, top_p in ((0.0, 1.0), (0.8, 0.95))]
+                for size in sizes for temperature, top_p in ((0.0, 1.0), (0.8, 1.0), (0.8, 0.95))]
     for r in requests:
         worker.submit([r], lambda _: done.release())
         done.acquire()
