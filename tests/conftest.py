@@ -146,8 +146,12 @@ def no_compilation_cache():
     writing them to the session's compilation cache only costs time (~25%).
     Use with `pytestmark = pytest.mark.usefixtures("no_compilation_cache")`."""
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
+    # jax decides once per process whether the cache is used: reset makes it decide again
     before = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     yield
     jax.config.update("jax_enable_compilation_cache", before)
+    compilation_cache.reset_cache()
