@@ -37,6 +37,13 @@ TINY_OVERRIDES = [
 ]
 
 
+# `codegen-jax train --config configs/tiny.yaml` shrunk for the CLI tests (resume, storage, several
+# processes); configs/tiny.yaml's closing `eval parse` is off: its own tests cover it
+TINY_CLI_TRAIN = ["model.d_model=64", "model.n_layers=2", "model.d_ff=128", "model.vocab_size=512", "data.seq_len=64",
+                  "train.batch_size=8", "train.log_every=1", "train.eval_every=1000", "train.sample_prompts=[]",
+                  "train.parse_eval=false"]
+
+
 def tiny_config(*overrides: str) -> Config:
     """A model small enough that a forward pass compiles in about a second on CPU."""
     return load_config(None, TINY_OVERRIDES + list(overrides))
@@ -142,8 +149,8 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def no_compilation_cache():
-    """TPU programs compiled here (libtpu on topology devices) are large and compiled once each:
-    writing them to the session's compilation cache only costs time (~25%).
+    """TPU programs compiled here (libtpu on topology devices) are large and compiled once each: the
+    session's compilation cache gains nothing from them, and writing them costs their serialization.
     Use with `pytestmark = pytest.mark.usefixtures("no_compilation_cache")`."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache

@@ -13,12 +13,10 @@ import pytest
 from codegen_jax.config import load_config
 from codegen_jax.plan import plan
 
-from conftest import run_with_devices
+from conftest import TINY_CLI_TRAIN, run_with_devices
 
 SCRIPTS = ["launch/local_multiprocess.sh", "launch/tpu_vm.sh", "launch/slurm.sbatch"]
-TRAIN_ARGS = ["model.d_model=64", "model.n_layers=2", "model.d_ff=128", "model.vocab_size=512", "data.seq_len=64",
-              "train.batch_size=8", "data.max_docs=150", "train.log_every=1", "train.eval_every=1000",
-              "train.sample_prompts=[]", "train.parse_eval=false", "checkpoint.every=3", "checkpoint.async_save=false",
+TRAIN_ARGS = [*TINY_CLI_TRAIN, "data.max_docs=150", "checkpoint.every=3", "checkpoint.async_save=false",
               "optim.schedule_steps=8"]  # the same lr schedule however far each run goes
 
 

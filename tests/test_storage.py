@@ -18,13 +18,10 @@ from codegen_jax import storage
 from codegen_jax.cli import main
 from codegen_jax.errors import UserError
 
-from conftest import write_code_corpus
+from conftest import TINY_CLI_TRAIN, write_code_corpus
 
 BUCKET = "bkt"
-TRAIN_ARGS = ["model.d_model=64", "model.n_layers=2", "model.d_ff=128", "model.vocab_size=512",
-              "data.seq_len=64", "train.batch_size=8", "train.log_every=1", "train.eval_every=1000",
-              "train.sample_prompts=[]", "train.parse_eval=false", "checkpoint.every=3",
-              "optim.schedule_steps=6"]
+TRAIN_ARGS = [*TINY_CLI_TRAIN, "checkpoint.every=3", "optim.schedule_steps=6"]
 CLI = str(Path(sys.executable).with_name("codegen-jax"))
 
 

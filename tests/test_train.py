@@ -21,7 +21,7 @@ from codegen_jax.sharding import make_mesh, state_shardings
 from codegen_jax.train.optim import decay_mask, make_optimizer, schedule
 from codegen_jax.train.step import TrainState, grads_and_metrics, make_train_step, masked_nll, target_weights
 
-from conftest import losses_side_by_side, tiny_config
+from conftest import TINY_CLI_TRAIN, losses_side_by_side, tiny_config
 
 SMALL_DATA = ["data.max_docs=120", "model.vocab_size=512"]
 
@@ -206,10 +206,7 @@ def test_init_from_loads_params_with_fresh_optimizer(tmp_path):
 
 # ---- the CLI in subprocesses: kill -9, SIGTERM, corrupt checkpoints ----------------------------------
 
-CLI_ARGS = ["--config", "configs/tiny.yaml", "model.d_model=64", "model.n_layers=2", "model.d_ff=128",
-            "model.vocab_size=512", "data.seq_len=64", "train.batch_size=8", "data.max_docs=150",
-            "train.log_every=1", "train.eval_every=1000", "train.sample_prompts=[]",
-            "train.parse_eval=false"]  # configs/tiny.yaml ends with `eval parse`: its own tests cover it
+CLI_ARGS = ["--config", "configs/tiny.yaml", *TINY_CLI_TRAIN, "data.max_docs=150"]
 
 
 def _cli(workdir, *extra):
