@@ -21,7 +21,8 @@ from flax import nnx
 from codegen_jax.config import load_config
 from codegen_jax.hf_config import transformers_config
 from codegen_jax.hf_params import to_hf_state_dict
-from codegen_jax.model import create_model, flops_per_token
+from codegen_jax.flops import flops_per_token
+from codegen_jax.model import create_model
 from codegen_jax.sharding import make_mesh, state_shardings
 from codegen_jax.train.metrics import matmul_probe_flops
 from codegen_jax.train.optim import make_optimizer, schedule

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from codegen_jax.layers import dense, param
+
 
 PREFIX = "lora_"
 
@@ -48,8 +50,6 @@ def targets_of(module_name: str, lora: Any) -> list[str]:
 
 def attach(module: nnx.Module, lora: Any, module_name: str, rngs: nnx.Rngs) -> None:
     """Give `module` its adapters (call at the end of its __init__, after the base weights exist)."""
-    from codegen_jax.model import _param
-
     module.lora_targets = tuple(targets_of(module_name, lora))
     module.lora_scale = lora.alpha / lora.rank if module.lora_targets else 0.0
     module.lora_dropout = lora.dropout if module.lora_targets else 0.0
@@ -62,14 +62,12 @@ def attach(module: nnx.Module, lora: Any, module_name: str, rngs: nnx.Rngs) -> N
         a = jax.random.uniform(rngs.lora(), (*shape[:n_in], lora.rank), base[...].dtype, -bound, bound)
         a_name, b_name = param_names(t)
         setattr(module, a_name, nnx.Param(a, out_sharding=(*names[:n_in], "lora")))
-        setattr(module, b_name, _param(rngs, (lora.rank, *shape[n_in:]), ("lora", *names[n_in:]),
-                                                 base[...].dtype, std=0.0))
+        setattr(module, b_name, param(rngs, (lora.rank, *shape[n_in:]), ("lora", *names[n_in:]),
+                                      base[...].dtype, std=0.0))
 
 
 def delta(module: nnx.Module, target: str, x: jax.Array, n_in: int, key: jax.Array | None) -> jax.Array | None:
     """The adapter's contribution to projection `target` of input x (None when it has none)."""
-    from codegen_jax.model import dense
-
     if target not in getattr(module, "lora_targets", ()):
         return None
     if key is not None and module.lora_dropout > 0:

@@ -1,9 +1,10 @@
 """The Llama-family decoder in Flax NNX: the same function as HF transformers' `LlamaForCausalLM`
 (and, through `model.norm` / `model.mlp` and the bias flags, `Starcoder2ForCausalLM`).
 
-Read top to bottom: RMSNorm / LayerNorm -> attention (RoPE and its scalings: `rope.py`) -> SwiGLU /
-GELU MLP -> Block -> Decoder. The norm and MLP kinds pick modules when the model is built, so the Llama
-path has no per-call branches. Each layer has two entry points sharing its projection, RoPE and
+Read top to bottom: attention (RoPE and its scalings: `rope.py`) -> Block -> Decoder. The norms and
+the flat matmul are in `layers.py`, the SwiGLU / GELU MLPs in `mlp.py`, the KV cache in
+`kv_cache.py`. The norm and MLP kinds pick modules when the model is built, so the Llama path has no
+per-call branches. Each layer has two entry points sharing its projection, RoPE and
 masking code:
 - `__call__` runs whole rows: training on packed rows (segment ids, positions), and prefill, which
   also returns every layer's keys and values for the KV cache;
@@ -16,10 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,6 +26,9 @@ from flax import nnx
 from codegen_jax import attention
 from codegen_jax import lora as lora_lib
 from codegen_jax.config import ModelConfig
+from codegen_jax.kv_cache import K_BGKS, V_BGSK, KVCache, LayerCache, fill
+from codegen_jax.layers import NORMS, dense, param
+from codegen_jax.mlp import MLPS
 from codegen_jax.rope import rope, rope_attention_scale, rope_inv_freq
 from codegen_jax.sharding import constrain, state_shardings
 
@@ -34,94 +36,6 @@ _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-K_BGKS = ("batch", "kv_heads", "head_dim", "length")  # logical axes of a layer's cached keys ...
-V_BGSK = ("batch", "kv_heads", "length", "head_dim")  # ... and values
-
-
-@flax.struct.dataclass
-class LayerCache:
-    """One layer's KV cache: keys [b, g, k, s] and values [b, g, s, k] (the layouts that make both
-    decode attention products plain matmuls, see `attention.cached_attention`)."""
-
-    k_bgks: jax.Array
-    v_bgsk: jax.Array
-
-
-@flax.struct.dataclass
-class KVCache:
-    """The decoder's KV cache: one `LayerCache` per layer, and `lengths_b`, the filled slots per row.
-    Slot i of a row holds its token at position i, so a row's valid keys are slots [0, length)."""
-
-    layers: tuple[LayerCache, ...]
-    lengths_b: jax.Array
-
-    @property
-    def capacity(self) -> int:
-        return self.layers[0].k_bgks.shape[-1]
-
-
-def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype: Any = None) -> KVCache:
-    """An empty cache of `capacity` slots per row (every length 0)."""
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    g, k = cfg.n_kv_heads, cfg.head_dim
-    layer = lambda: LayerCache(jnp.zeros((batch, g, k, capacity), dtype),  # noqa: E731
-                               jnp.zeros((batch, g, capacity, k), dtype))
-    return KVCache(tuple(layer() for _ in range(cfg.n_layers)), jnp.zeros((batch,), jnp.int32))
-
-
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype: Any,
-           std: float | None = 0.02) -> nnx.Param:
-    """A parameter with logical axis names; `std=None` gives ones (norm scales), 0.0 zeros (biases)."""
-    if std is None:
-        value = jnp.ones(shape, dtype)
-    elif std == 0.0:
-        value = jnp.zeros(shape, dtype)
-    else:
-        value = std * jax.random.normal(rngs.params(), shape, dtype)
-    return nnx.Param(value, out_sharding=names)
-
-
-class RMSNorm(nnx.Module):
-    """y = weight * x / rms(x), normalized in fp32 and cast back before the scale (as HF does)."""
-
-    def __init__(self, dim: int, eps: float, param_dtype: Any, rngs: nnx.Rngs):
-        self.weight = _param(rngs, (dim,), ("norm",), param_dtype, std=None)
-        self.eps = eps
-
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
-        x32 = x_btd.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(x_btd.dtype) * x32.astype(x_btd.dtype)
-
-
-class LayerNorm(nnx.Module):
-    """y = weight * (x - mean) / std(x) + bias, as torch's `nn.LayerNorm` (StarCoder2): statistics
-    and the affine in fp32, one cast back. The bias is `b_d` so weight decay spares it (`b_` prefix)."""
-
-    def __init__(self, dim: int, eps: float, param_dtype: Any, rngs: nnx.Rngs):
-        self.weight = _param(rngs, (dim,), ("norm",), param_dtype, std=None)
-        self.b_d = _param(rngs, (dim,), ("norm",), param_dtype, std=0.0)
-        self.eps = eps
-
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
-        x32 = x_btd.astype(jnp.float32)
-        x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        y = x32 * self.weight[...].astype(jnp.float32) + self.b_d[...].astype(jnp.float32)
-        return y.astype(x_btd.dtype)
-
-
-NORMS = {"rms": RMSNorm, "layer": LayerNorm}  # model.norm -> module
-
-
-def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
-    """x [..., i...] @ w [i..., o...] (the last `n_in` axes of x contracted with the first of w) as one
-    2-D matmul. Why: XLA:CPU runs dots with several free axes per side slowly, the weight gradient of
-    "btd,df->btf" (contracting b and t) most of all; flat, a CPU training step takes 20-40% less time.
-    The reshapes merge adjacent row-major axes, so they are free (and keep a batch-axis sharding)."""
-    lead, inner = x.shape[:x.ndim - n_in], w.shape[:n_in]
-    y = jnp.dot(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1))
-    return y.reshape(*lead, *w.shape[n_in:])
 
 
 class Attention(nnx.Module):
@@ -129,16 +43,16 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: Any = None):
         d, h, g, k, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
-        self.w_q_dhk = _param(rngs, (d, h, k), ("embed", "heads", "head_dim"), pd)
-        self.w_k_dgk = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
-        self.w_v_dgk = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
-        self.w_o_hkd = _param(rngs, (h, k, d), ("heads", "head_dim", "embed"), pd)
+        self.w_q_dhk = param(rngs, (d, h, k), ("embed", "heads", "head_dim"), pd)
+        self.w_k_dgk = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
+        self.w_v_dgk = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
+        self.w_o_hkd = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), pd)
         if cfg.attention_bias:
-            self.b_q_hk = _param(rngs, (h, k), ("heads", "head_dim"), pd, std=0.0)
-            self.b_k_gk = _param(rngs, (g, k), ("kv_heads", "head_dim"), pd, std=0.0)
-            self.b_v_gk = _param(rngs, (g, k), ("kv_heads", "head_dim"), pd, std=0.0)
+            self.b_q_hk = param(rngs, (h, k), ("heads", "head_dim"), pd, std=0.0)
+            self.b_k_gk = param(rngs, (g, k), ("kv_heads", "head_dim"), pd, std=0.0)
+            self.b_v_gk = param(rngs, (g, k), ("kv_heads", "head_dim"), pd, std=0.0)
         if cfg.attention_out_bias:
-            self.b_o_d = _param(rngs, (d,), ("embed",), pd, std=0.0)
+            self.b_o_d = param(rngs, (d,), ("embed",), pd, std=0.0)
         self.cfg = cfg
         lora_lib.attach(self, lora, "attn", rngs)
 
@@ -195,60 +109,6 @@ class Attention(nnx.Module):
         return self._out(o_bhk[:, :, None])[:, 0], LayerCache(k_bgks, v_bgsk)
 
 
-def _adapted(module: nnx.Module, target: str, x: jax.Array, y: jax.Array, key) -> jax.Array:
-    """y plus the LoRA delta of `target` on x, if the module has that adapter."""
-    delta = lora_lib.delta(module, target, x, 1, key)
-    return y if delta is None else y + delta
-
-
-class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: Any = None):
-        d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
-        self.w_gate_df = _param(rngs, (d, f), ("embed", "mlp"), pd)
-        self.w_up_df = _param(rngs, (d, f), ("embed", "mlp"), pd)
-        self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), pd)
-        lora_lib.attach(self, lora, "mlp", rngs)
-
-    def __call__(self, x_btd: jax.Array, key=None) -> jax.Array:
-        dt = x_btd.dtype
-        gate_btf = jax.nn.silu(_adapted(self, "gate", x_btd, dense(x_btd, self.w_gate_df[...].astype(dt)), key))
-        h_btf = gate_btf * _adapted(self, "up", x_btd, dense(x_btd, self.w_up_df[...].astype(dt)), key)
-        if h_btf.ndim == 3:
-            h_btf = constrain(h_btf, "batch", "length", "mlp")
-        return _adapted(self, "down", h_btf, dense(h_btf, self.w_down_fd[...].astype(dt)), key)
-
-
-class GeluMLP(nnx.Module):
-    """StarCoder2's MLP: proj(gelu(fc(x))), GELU's tanh approximation (HF `gelu_pytorch_tanh`), with
-    biases when `model.mlp_bias`."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: Any = None):
-        d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
-        self.w_fc_df = _param(rngs, (d, f), ("embed", "mlp"), pd)
-        self.w_proj_fd = _param(rngs, (f, d), ("mlp", "embed"), pd)
-        self.bias = cfg.mlp_bias
-        if cfg.mlp_bias:
-            self.b_fc_f = _param(rngs, (f,), ("mlp",), pd, std=0.0)
-            self.b_proj_d = _param(rngs, (d,), ("embed",), pd, std=0.0)
-        lora_lib.attach(self, lora, "mlp", rngs)
-
-    def __call__(self, x_btd: jax.Array, key=None) -> jax.Array:
-        dt = x_btd.dtype
-        h_btf = _adapted(self, "fc", x_btd, dense(x_btd, self.w_fc_df[...].astype(dt)), key)
-        if self.bias:
-            h_btf = h_btf + self.b_fc_f[...].astype(dt)
-        h_btf = jax.nn.gelu(h_btf, approximate=True)
-        if h_btf.ndim == 3:
-            h_btf = constrain(h_btf, "batch", "length", "mlp")
-        y_btd = _adapted(self, "proj", h_btf, dense(h_btf, self.w_proj_fd[...].astype(dt)), key)
-        return y_btd + self.b_proj_d[...].astype(dt) if self.bias else y_btd
-
-
-MLPS = {"swiglu": MLP, "gelu_tanh": GeluMLP}  # model.mlp -> module
-
-
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
@@ -287,7 +147,7 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.lora = lora if lora is not None and lora.enabled else None
         d, v, pd = cfg.d_model, cfg.vocab_size, cfg.param_dtype
-        self.embed_vd = _param(rngs, (v, d), ("vocab", "embed"), pd)
+        self.embed_vd = param(rngs, (v, d), ("vocab", "embed"), pd)
         if cfg.scan_layers:
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -299,7 +159,7 @@ class Decoder(nnx.Module):
             self.blocks = nnx.List([Block(cfg, rngs, self.lora) for _ in range(cfg.n_layers)])
         self.final_norm = NORMS[cfg.norm](d, cfg.norm_eps, pd, rngs)
         if not cfg.tie_embeddings:
-            self.lm_head_dv = _param(rngs, (d, v), ("embed", "vocab"), pd)
+            self.lm_head_dv = param(rngs, (d, v), ("embed", "vocab"), pd)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """Token embeddings in the compute dtype, [b, t, d] or [b, d]."""
@@ -328,9 +188,10 @@ class Decoder(nnx.Module):
         if logits_at_b is not None:  # prefill needs one position per row; all [b, t, v] logits can be GBs
             x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
         logits = self.logits(x_btd)
+        filled = None if cache is None else fill(cache, kv, segment_ids_bt)
         if logits_at_b is not None:
-            return constrain(logits[:, 0], "batch", "vocab"), self._fill(cache, kv, segment_ids_bt)
-        return constrain(logits, "batch", "length", "vocab"), self._fill(cache, kv, segment_ids_bt)
+            return constrain(logits[:, 0], "batch", "vocab"), filled
+        return constrain(logits, "batch", "length", "vocab"), filled
 
     def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                segment_ids_bt: jax.Array | None = None, keep_kv: bool = False,
@@ -362,19 +223,6 @@ class Decoder(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
         return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
-    def _fill(self, cache: KVCache | None, kv: list, segment_ids_bt: jax.Array) -> KVCache | None:
-        """Write prefill keys/values [b, g, t, k] of every layer into slots [0, t) of `cache`."""
-        if cache is None:
-            return None
-        layers = []
-        for layer, (k_bgtk, v_bgtk) in zip(cache.layers, kv):
-            k_bgks = jax.lax.dynamic_update_slice(
-                layer.k_bgks, k_bgtk.swapaxes(2, 3).astype(layer.k_bgks.dtype), (0, 0, 0, 0))
-            v_bgsk = jax.lax.dynamic_update_slice(
-                layer.v_bgsk, v_bgtk.astype(layer.v_bgsk.dtype), (0, 0, 0, 0))
-            layers.append(LayerCache(constrain(k_bgks, *K_BGKS), constrain(v_bgsk, *V_BGSK)))
-        lengths_b = jnp.sum(segment_ids_bt > 0, axis=1).astype(jnp.int32)
-        return KVCache(tuple(layers), lengths_b)
 
     def _run_layers(self, x_btd, positions_bt, segment_ids_bt, keep_kv: bool, key=None):
         """All blocks (scanned or unrolled, rematerialized per `model.remat`); the per-layer keys and

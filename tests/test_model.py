@@ -8,7 +8,8 @@ from flax import nnx
 
 from codegen_jax.config import ConfigError, load_config
 from codegen_jax.flops import flops_per_token, param_count
-from codegen_jax.model import create_model, init_cache
+from codegen_jax.kv_cache import init_cache
+from codegen_jax.model import create_model
 
 from conftest import tiny_config
 

@@ -33,7 +33,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from codegen_jax.model import K_BGKS, V_BGSK, KVCache, LayerCache, init_cache, unstacked
+from codegen_jax.kv_cache import K_BGKS, V_BGSK, KVCache, LayerCache, init_cache
+from codegen_jax.model import unstacked
 from codegen_jax.sample.filters import SamplingMode, SamplingParams, sample_tokens
 from codegen_jax.sharding import batch_sharding, logical_to_spec
 
