@@ -107,6 +107,7 @@ class DataConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | muon (Muon on the blocks' weight matrices, AdamW on the rest)
     lr: float = 3e-3
     schedule: str = "cosine"  # cosine | linear | wsd | constant
     warmup_steps: int = 20
@@ -121,6 +122,7 @@ class OptimConfig:
     clip_norm: float = 1.0  # 0: no clipping
     grad_accum: int = 1  # microbatches per step
     z_loss: float = 0.0
+    muon_momentum: float = 0.95  # muon: the momentum the orthogonalized update is taken of
 
 
 @dataclasses.dataclass

@@ -18,6 +18,7 @@ CHOICES = {
     "data.source": ("stdlib", "files", "datasets", "prepared"),
     "data.pack": ("first_fit", "best_fit"),
     "optim.schedule": ("cosine", "linear", "wsd", "constant"),
+    "optim.name": ("adamw", "muon"),
     "train.nan_policy": ("stop", "skip"),
     "checkpoint.resume": ("auto", "never"),
 }

@@ -39,7 +39,8 @@ TINY_OVERRIDES = [
 
 # `codegen-jax train --config configs/tiny.yaml` shrunk for the CLI tests (resume, storage, several
 # processes); configs/tiny.yaml's closing `eval parse` is off: its own tests cover it
-TINY_CLI_TRAIN = ["model.d_model=64", "model.n_layers=2", "model.d_ff=128", "model.vocab_size=512", "data.seq_len=64",
+TINY_CLI_TRAIN = ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.n_layers=2", "model.d_ff=128",
+                  "model.vocab_size=512", "data.seq_len=64",
                   "train.batch_size=8", "train.log_every=1", "train.eval_every=1000", "train.sample_prompts=[]",
                   "train.parse_eval=false"]
 

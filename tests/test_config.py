@@ -88,7 +88,7 @@ def test_cli_help_lists_every_verb(capsys):
 @pytest.mark.parametrize("verb", ["data", "plan"])
 def test_cli_config_errors_exit_2(verb, capsys):
     args = [verb, "inspect"] if verb == "data" else [verb]
-    assert main(args + ["--config", "configs/tiny.yaml", "model.n_kv_heads=3"]) == 2
+    assert main(args + ["--config", "configs/tiny.yaml", "model.n_kv_heads=2"]) == 2  # tiny has 3 heads
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "n_kv_heads" in err[0]
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from codegen_jax.model import create_model
 from codegen_jax.sharding import make_mesh, state_shardings
-from codegen_jax.train.optim import decay_mask, make_optimizer, schedule
+from codegen_jax.train.optim import decay_mask, make_optimizer, muon_dims, schedule
 from codegen_jax.train.step import TrainState, grads_and_metrics, make_train_step, masked_nll, target_weights
 
 from conftest import TINY_CLI_TRAIN, losses_side_by_side, tiny_config
@@ -107,6 +108,54 @@ def test_schedules_and_decay_mask():
     mask = decay_mask(params, decay_all=False)
     assert mask["blocks"]["attn"]["w_q_dhk"] and mask["lm_head_dv"]
     assert not mask["embed_vd"] and not mask["final_norm"]["weight"] and not mask["blocks"]["attn_norm"]["weight"]
+
+
+def test_muon_takes_the_block_matrices_by_their_shape_suffix():
+    dims = muon_dims(nnx.to_pure_dict(nnx.state(create_model(tiny_config("model.scan_layers=true").model))))
+    attn, mlp = dims["blocks"]["attn"], dims["blocks"]["mlp"]
+    # a scanned stack's leading layer axis is a batch axis: each layer's matrix is orthogonalized alone
+    assert tuple(attn["w_q_dhk"]) == ((1,), (2, 3)) and tuple(attn["w_o_hkd"]) == ((1, 2), (3,))
+    assert tuple(mlp["w_gate_df"]) == ((1,), (2,)) and tuple(mlp["w_down_fd"]) == ((1,), (2,))
+    assert dims["embed_vd"] is None and dims["lm_head_dv"] is None and dims["final_norm"]["weight"] is None
+    assert dims["blocks"]["attn_norm"]["weight"] is None
+
+
+def test_muon_step_matches_torch_muon_and_adamw_steps_match_torch_adamw():
+    """optim.name=muon against torch.optim.Muon (its "match_rms_adamw" learning-rate scale is optax's
+    consistent_rms=0.2) on a matrix and on a 3-D projection as its [d, h*k] matrix, and against torch's
+    AdamW on the embedding (spared from weight decay). The Muon halves are compared on the first step:
+    after it optax bias-corrects the momentum (NAdam-style) and torch does not, by design; torch also
+    orthogonalizes in bfloat16, hence the 2% tolerance."""
+    import torch
+
+    cfg = tiny_config("optim.name=muon", "optim.schedule=constant", "optim.warmup_steps=0", "optim.lr=0.02",
+                      "optim.clip_norm=0", "optim.weight_decay=0.1")
+    rng = np.random.RandomState(0)
+    params = {"blocks": {0: {"attn": {"w_q_dhk": rng.randn(16, 4, 8)}, "mlp": {"w_down_fd": rng.randn(24, 16)}}},
+              "embed_vd": rng.randn(32, 16)}
+    params = jax.tree.map(lambda x: jnp.asarray(x * 0.1, jnp.float32), params)
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape), jnp.float32), params) for _ in range(3)]
+    flat = lambda tree: [tree["blocks"][0]["attn"]["w_q_dhk"].reshape(16, 32), tree["blocks"][0]["mlp"]["w_down_fd"],  # noqa: E731
+                         tree["embed_vd"]]
+    ref = [torch.nn.Parameter(torch.tensor(np.asarray(x))) for x in flat(params)]
+    o = cfg.optim
+    muon = torch.optim.Muon(ref[:2], lr=o.lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
+                            eps=o.eps, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW(ref[2:], lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=0.0)
+    opt = make_optimizer(cfg.optim, 10)
+    ours, state = params, opt.init(params)
+    for i, g in enumerate(grads):
+        updates, state = opt.update(g, state, ours)
+        ours = optax.apply_updates(ours, updates)
+        for p, x in zip(ref, flat(g)):
+            p.grad = torch.tensor(np.asarray(x))
+        muon.step()
+        adamw.step()
+        if i == 0:
+            for start, got, want in zip(flat(params)[:2], flat(ours)[:2], ref[:2]):
+                moved, want_moved = np.asarray(got - start), want.detach().numpy() - np.asarray(start)
+                assert np.linalg.norm(moved - want_moved) <= 0.02 * np.linalg.norm(want_moved)
+    np.testing.assert_allclose(np.asarray(flat(ours)[2]), ref[2].detach().numpy(), atol=1e-6)
 
 
 def test_twenty_adamw_steps_match_hf_llama_and_torch():
