@@ -32,7 +32,7 @@ def test_config_round_trips_through_dict():
     ("model.n_layer=3", "nearest valid keys: model.n_layers"),
     ("train.steps=abc", "config key 'train.steps' expects int, got 'abc'"),
     ("model.scan_layers=maybe", "expects bool"),
-    ("model.n_kv_heads=3", "model.n_heads (4) must be divisible by model.n_kv_heads (3)"),
+    ("model.n_kv_heads=2", "model.n_heads (3) must be divisible by model.n_kv_heads (2)"),
     ("model.d_model=250", "model.d_model (250) must equal n_heads*head_dim"),
     ("model.remat=some", "config key 'model.remat' must be one of none, full, dots_saveable"),
     ("train.batch_size=10", "train.batch_size (10) must be divisible by mesh.data*mesh.fsdp"),
