@@ -47,12 +47,16 @@ def decay_mask(params: Any, decay_all: bool) -> Any:
     """True where weight decay applies: matmul kernels; norm scales, biases and the token embedding are
     spared unless `decay_all` (MaxText/GPT practice: decaying them hurts small models)."""
     def keep(path: tuple, _: Any) -> bool:
-        names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        leaf = names[-1]
+        leaf = _leaf_name(path)
         spared = leaf == "weight" or leaf.startswith("b_") or leaf == "embed_vd"
         return decay_all or not spared
 
     return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def _leaf_name(path: tuple) -> str:
+    """A parameter's own name (the last key of its tree path): w_q_dhk, weight, embed_vd, ..."""
+    return str(getattr(path[-1], "key", getattr(path[-1], "idx", path[-1])))
 
 
 _BLOCK_WEIGHT = re.compile(r"w_[a-z]+_([a-z]+)")  # w_q_dhk, w_o_hkd, w_gate_df, w_down_fd, ...
@@ -64,8 +68,7 @@ def muon_dims(params: Any) -> Any:
     what AdamW keeps (embeddings, the LM head, norms, biases, LoRA factors). The shape suffix says which
     axes are which: `d` first means d in, the rest out (w_q_dhk); `d` last, the rest in, d out (w_o_hkd)."""
     def spec(path: tuple, x: Any) -> Any:
-        leaf = str(getattr(path[-1], "key", getattr(path[-1], "idx", path[-1])))
-        m = _BLOCK_WEIGHT.fullmatch(leaf)
+        m = _BLOCK_WEIGHT.fullmatch(_leaf_name(path))
         if m is None:
             return None
         axes, lead = m.group(1), x.ndim - len(m.group(1))
