@@ -63,7 +63,7 @@ def test_a_wsd_schedule_fixes_its_length_late_and_decays_where_the_budget_ends(t
     assert lrs == pytest.approx({k: float(implied(k - 1)) for k in range(1, n + 1)}, rel=1e-6)
 
 
-def test_due_waits_for_the_late_fraction_or_the_decay_and_fit_counts_evaluations():
+def test_due_waits_for_the_late_fraction_or_the_decay_and_fit_counts_evaluations_and_saves():
     from codegen_jax.train import budget
 
     cfg = tiny_config("optim.schedule=wsd", "optim.warmup_steps=10", "train.steps=1000", "train.time_budget_s=100",
@@ -75,6 +75,9 @@ def test_due_waits_for_the_late_fraction_or_the_decay_and_fit_counts_evaluations
     # 40 s left at 0.5 s per step plus a 2 s evaluation per 100 steps and one at the end: 38 / 0.52
     assert budget.fit(cfg, 60.0, 0.5, 2.0, 50) == 50 + int(38 // 0.52)
     assert budget.fit(cfg, 99.0, 0.5, 2.0, 50) >= 50  # out of time: never shorter than what ran
+    # checkpoint saves between the steps made the run so far 0.6 s per step: that pace counts
+    assert budget.fit(cfg, 60.0, 0.5, 2.0, 50, realized_s=0.6) == 50 + int(38 // 0.6)
+    assert budget.fit(cfg, 60.0, 0.5, 2.0, 50, realized_s=0.3) == 50 + int(38 // 0.52)
     early = tiny_config("optim.schedule=cosine", "optim.warmup_steps=10", "train.time_budget_s=100")
     assert budget.due(early, 7, 0.0, 7) and not budget.due(early, 8, 99.0, 7)
 

@@ -1,7 +1,8 @@
 """A wall-clock budget for a run (`train.time_budget_s`), known to the learning-rate schedule.
 
 The run is timed, then its length is fixed: as many steps as the rest of the budget holds at the
-measured pace, evaluations included, at most `train.steps`. When that happens depends on the schedule:
+measured pace, evaluations and checkpoint saves included, at most `train.steps`. When that happens
+depends on the schedule:
 - `wsd` and `constant` keep the learning rate flat until the decay near the end, so the length can be
   fixed late, after `LATE_FRACTION` of the budget (the pace measured on many steps, the input pipeline
   past its start-up bursts): the decay then starts where the budget puts it ("decay triggered by the
@@ -63,13 +64,15 @@ def recorded(workdir: Any, cfg: Config) -> dict | None:
     return found if "steps" in found and same else None
 
 
-def fit(cfg: Config, elapsed_s: float, step_s: float, eval_s: float, done: int) -> int:
+def fit(cfg: Config, elapsed_s: float, step_s: float, eval_s: float, done: int, realized_s: float = 0.0) -> int:
     """Steps the budget holds: `done` so far, then the rest of the budget at `step_s` per step plus an
-    evaluation (`eval_s`) every `train.eval_every` steps and one at the end; never fewer than the warmup
-    and one step (a shorter run would have a shorter warmup than the timed steps had), never more
-    than `train.steps`."""
+    evaluation (`eval_s`) every `train.eval_every` steps and one at the end, or at `realized_s` per
+    step if slower: the wall time per step so far, which also counts what happens between steps
+    (checkpoint saves, the steps an asynchronous save slows down; a step median alone overran a
+    budget by ~5%). Never fewer than the warmup and one step (a shorter run would have a shorter
+    warmup than the timed steps had), never more than `train.steps`."""
     left = cfg.train.time_budget_s - elapsed_s - eval_s
-    per_step = step_s + eval_s / cfg.train.eval_every
+    per_step = max(step_s + eval_s / cfg.train.eval_every, realized_s)
     more = int(left // per_step) if left > 0 else 0
     return min(cfg.train.steps, max(done + more, cfg.optim.warmup_steps + 1, _decay_after(cfg, done)))
 

@@ -235,23 +235,27 @@ def _budget_due(cfg: Config, step: int, started: float, probe: int) -> bool:
                                                                          probe))))
 
 
-def _fix_length(run: _Run, step_times: list[float], started: float, progress: Progress) -> Config:
-    """After the timed first steps of a budgeted run: the steps the budget holds, recorded in the
-    workdir (process 0 decides, everyone follows), and the train step rebuilt for that schedule."""
+def _fix_length(run: _Run, step_times: list[float], started: float, first_done: float,
+                progress: Progress) -> Config:
+    """After the timed first steps of a budgeted run (the first of them ended at `first_done`): the
+    steps the budget holds, recorded in the workdir (process 0 decides, everyone follows), and the
+    train step rebuilt for that schedule."""
     from jax.experimental import multihost_utils
 
     cfg, done = run.cfg, len(step_times) + run.start_step
+    realized_s = (time.perf_counter() - first_done) / max(len(step_times) - 1, 1)  # saves included
     t0 = time.perf_counter()
     evaluate(run)  # compiles the eval step too, so the estimate covers both
     eval_s = time.perf_counter() - t0
     recent = step_times[1:][-budget.PACE_WINDOW:] or step_times  # the first step compiles
     step_s = float(np.median(recent))
-    steps = budget.fit(cfg, time.perf_counter() - started, step_s, eval_s, done)
+    steps = budget.fit(cfg, time.perf_counter() - started, step_s, eval_s, done, realized_s)
     steps = int(multihost_utils.broadcast_one_to_all(np.int32(steps)))
     if distributed.is_main():
-        budget.record(run.workdir, steps, cfg, step_s=step_s, eval_s=eval_s)
-    progress.message(f"time budget {cfg.train.time_budget_s:.0f} s: {step_s:.3f} s per step here, so "
-                     f"{steps} steps (train.steps {cfg.train.steps}); recorded in {budget.BUDGET_FILE}")
+        budget.record(run.workdir, steps, cfg, step_s=step_s, eval_s=eval_s, realized_s=realized_s)
+    progress.message(f"time budget {cfg.train.time_budget_s:.0f} s: {step_s:.3f} s per step here "
+                     f"({realized_s:.3f} with evaluations and saves), so {steps} steps (train.steps "
+                     f"{cfg.train.steps}); recorded in {budget.BUDGET_FILE}")
     if steps == cfg.train.steps:
         return cfg
     cfg = budget.with_steps(cfg, steps)
@@ -309,6 +313,7 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
     progress.start("train", cfg.train.steps, initial=run.start_step)
     window_start, window_steps = None, 0
     step_times: list[float] = []
+    first_done = 0.0
     step = run.start_step
     try:
         while step < run.cfg.train.steps:
@@ -323,8 +328,9 @@ def train(cfg: Config, workdir: str | None = None, init_from: str | None = None,
                                 f"{last_saved}) is intact; lower optim.lr or set train.nan_policy=skip")
             losses[step] = float(m["loss"])
             step_times.append(time.perf_counter() - t_step)
+            first_done = time.perf_counter() if len(step_times) == 1 else first_done
             if pending and _budget_due(cfg, step, started, probe):
-                cfg, pending = _fix_length(run, step_times, started, progress), False
+                cfg, pending = _fix_length(run, step_times, started, first_done, progress), False
             info = {}
             if window_start is None:  # the first step compiles: keep it out of the throughput window
                 window_start = time.perf_counter()
