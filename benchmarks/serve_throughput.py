@@ -98,15 +98,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def one_request(url: str, model: str, req: dict, tok) -> dict:
+def one_request(client, url: str, model: str, req: dict, tok) -> dict:
     """Stream one completion: time to first text, latency, output tokens (the text re-encoded)."""
-    import httpx
-
     body = {"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0,
             "stream": True}
     t0 = time.perf_counter()
     first, text = None, []
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+    with client.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -120,11 +118,16 @@ def one_request(url: str, model: str, req: dict, tok) -> dict:
 
 
 def load(url: str, model: str, requests: list[dict], clients: int, tok) -> dict:
-    """`clients` closed-loop clients share the requests; aggregate throughput and latencies."""
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(clients) as pool:
-        rows = list(pool.map(lambda r: one_request(url, model, r, tok), requests))
-    wall = time.perf_counter() - t0
+    """`clients` closed-loop clients share the requests; aggregate throughput and latencies. One
+    pooled HTTP client for all of them: a client per request (`httpx.stream`) builds an SSL context
+    each time, ~40 ms of CPU that competed with the server for the 2 cores (11 s per 256 requests)."""
+    import httpx
+
+    with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(clients) as pool:
+            rows = list(pool.map(lambda r: one_request(client, url, model, r, tok), requests))
+        wall = time.perf_counter() - t0
     lat, ttft = np.array([r["latency"] for r in rows]), np.array([r["ttft"] for r in rows])
     return {"tokens_per_s": sum(r["tokens"] for r in rows) / wall, "ttft_p50": float(np.percentile(ttft, 50)),
             "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)), "wall_s": wall}
@@ -157,7 +160,10 @@ def static_batches(ckpt: Path, tok, requests: list[dict], batch: int) -> dict:
 
     gen = Generator.from_checkpoint(ckpt)
     rows = [Request(gen.encode_prompt(r["prompt"]), r["max_tokens"]) for r in requests]
-    Scheduler(gen.engine, tok, batch, refill=False, min_capacity=gen.model_cfg.max_seq_len).run(rows[:batch])  # warm
+    # warm-up: the whole stream once (each batch's decode length and step count is its own program;
+    # a first batch alone left the others to compile inside the timed run)
+    Scheduler(gen.engine, tok, batch, refill=False, min_capacity=gen.model_cfg.max_seq_len).run(
+        [Request(r.ids, r.max_new_tokens) for r in rows])
     sched = Scheduler(gen.engine, tok, batch, refill=False, min_capacity=gen.model_cfg.max_seq_len)
     t0 = time.perf_counter()
     for r in rows:
@@ -193,7 +199,9 @@ def main() -> None:
                 try:
                     wait_ready(url, proc)
                     model = "m" if server == "ours" else str(hf_dir.resolve())
-                    load(url, model, reqs[:4], 4, tok)  # warm-up (compiles, HF's lazy batching manager)
+                    # warm-up at full concurrency (compiles, HF's lazy batching manager, and the
+                    # first pass over every slot: a first 32-client pass ran ~10% slower than the next)
+                    load(url, model, reqs[:max(args.clients)], max(args.clients), tok)
                     for c in args.clients:
                         n = args.per_client * c
                         row = {"config": name, "server": server, "clients": c, **load(url, model, reqs[:n], c, tok)}

@@ -161,6 +161,16 @@ def test_concurrent_requests_equal_each_sent_alone(client, server):
     assert server.health()["compiles"] == compiles
 
 
+def test_warmup_covers_prompts_of_its_length_with_their_bos(client, server, small_tokenizer):
+    """--warmup 16: a prompt of 16 tokens is 17 ids with the server's BOS (the next bucket up): warmed
+    too, so it compiles nothing."""
+    prompt = next(p for p in ("a" + " a" * k for k in range(40)) if len(small_tokenizer.prompt_ids(p)) == 17)
+    compiles = server.health()["compiles"]
+    for temperature in (0.0, 0.8):
+        _complete(client, prompt, max_tokens=3, temperature=temperature)
+    assert server.health()["compiles"] == compiles
+
+
 @pytest.mark.parametrize("body, message", [
     ('{"model": "tiny", "prompt": ', "JSON"),
     ({"prompt": "x", "max_tokens": -1}, "max_new_tokens must be >= 1"),

@@ -25,8 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", help="the model id clients use (default: the checkpoint's directory name)")
     p.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, let requests finish this long")
     p.add_argument("--warmup", type=int, default=0,
-                   help="before listening, compile the programs for prompts up to this many tokens and "
-                        "every decode bucket (rows x cache length) for greedy, sampled and top_p requests")
+                   help="before listening, compile the programs for prompts up to this many tokens (plus the "
+                        "BOS the server adds) and every decode bucket (rows x cache length) for greedy, "
+                        "sampled and top_p requests")
     p.add_argument("--batch-invariant", action="store_true",
                    help="decode every slot over the whole context each step, so a request's output is "
                         "bitwise what it is alone (by default the live rows run in buckets: faster, equal "
@@ -78,13 +79,14 @@ def _default_name(checkpoint: str) -> str:
 def _warm_up(gen, worker, max_prompt: int) -> None:
     """A greedy request and two sampled ones (without and with top_p: each is its own program; the
     `openai` client's defaults, temperature 1 and top_p 1, are the first) per prompt bucket up to
-    `max_prompt` tokens."""
+    the one of `max_prompt` tokens and the BOS the server puts before them (512 text tokens are 513
+    ids, bucket 768: without it, such a prompt compiled mid-traffic and stalled every slot)."""
     import threading
 
     from codegen_jax.sample.scheduler import Request, bucket
 
     sizes, n = [], 1
-    while bucket(n) <= max_prompt and bucket(n) < gen.model_cfg.max_seq_len - 1:
+    while bucket(n) <= bucket(max_prompt + 1) and bucket(n) < gen.model_cfg.max_seq_len - 1:
         sizes.append(bucket(n))
         n = bucket(n) + 1
     done = threading.Semaphore(0)
