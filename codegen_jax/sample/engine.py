@@ -137,8 +137,8 @@ def _put_rows(state: DecodeState, rows_m: jax.Array | None, sub: DecodeState, st
               n: int) -> DecodeState:
     """The state with rows `rows_m` (None: all) replaced by `sub`, whose caches changed only in the
     `n` slots from `start_m` (the decode steps' writes): only those go back. Writing back the whole
-    [rows, :length] cache cost a copy of it per decode call (~3.4 ms of ~9 ms fixed cost for 32 rows
-    of 768 slots, probe 214), as much as a step; the window is a few kilobytes."""
+    [rows, :length] cache copied it on every decode call (~2 ms of a call's ~9 ms fixed cost for 32
+    rows of 768 slots, probe ~214, about a step's worth); the window is a few kilobytes."""
     length = sub.capacity
     n = min(n, length)
     # a window that would run past `length` starts earlier: the slots it then covers hold what they held
