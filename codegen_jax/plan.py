@@ -203,8 +203,10 @@ def _flops_check(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, float]:
     counts a while loop's body once (a scanned layer stack reports about one layer, a chunked loss one
     chunk, accumulation one microbatch) and gives Pallas kernels (splash attention) no FLOPs, so the
     check compiles the same step with 2 unrolled layers, 1 row per chip, the whole loss in one piece,
-    no accumulation or remat and the XLA attention, and compares with `flops_per_token` for it. The
-    SPMD partitioner also turns fsdp's all-gather + matmul (and matmul + reduce-scatter) into loops
+    no accumulation or remat and the XLA attention, and compares with `flops_per_token` for it. Its
+    optimizer is AdamW: the check is of the model's FLOPs, and Muon's Newton-Schulz matmuls are
+    optimizer work `flops_per_token` does not count (on tiny, 2048 tokens a step, ~1.5x the model's
+    FLOPs; on small and up, at far more tokens per step, a few percent). The SPMD partitioner also turns fsdp's all-gather + matmul (and matmul + reduce-scatter) into loops
     over the shards ("windowed einsum", when the operands are large enough: 17-37% of the FLOPs went
     uncounted for small, 1b and 7b on 32 chips), so the check compiles without them: the same FLOPs,
     counted in full."""
@@ -213,7 +215,7 @@ def _flops_check(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, float]:
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     check = _topology_config(cfg, **{"model.n_layers": 2, "model.scan_layers": False, "model.remat": "none",
                                      "model.attention": "xla", "train.batch_size": dp, "train.loss_chunk": 0,
-                                     "optim.grad_accum": 1})
+                                     "optim.grad_accum": 1, "optim.name": "adamw"})
     step, args = _train_program(check, mesh)
     r = tpu.compile_report("train_step[flops check]", step, args, mesh, compiler_options=NO_WINDOWED_EINSUM)
     ours = flops_per_token(check.model, check.data.seq_len) * check.data.seq_len * dp / mesh.size

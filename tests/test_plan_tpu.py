@@ -43,10 +43,8 @@ def test_devices_are_chips_and_hbm_is_what_the_compiler_reports():
 def test_tiny_plan_on_v5e_8_through_the_cli(tmp_path, capsys):
     """The issue's done-when, on tiny: a compiled per-chip HBM figure, fits, JSON with the keys."""
     out = tmp_path / "plan.json"
-    # adamw: the FLOPs check compares the step with the model's FLOPs, and tiny's Muon adds its
-    # Newton-Schulz matmuls (~1.5x the FLOPs of a model this small); plan does not count them yet
-    assert cli.main(["plan", "--config", "configs/tiny.yaml", "--topology", "v5e-8", "--json", str(out),
-                     "optim.name=adamw"]) == 0
+    # tiny trains with Muon: the FLOPs check's program uses AdamW (the model's FLOPs are what it checks)
+    assert cli.main(["plan", "--config", "configs/tiny.yaml", "--topology", "v5e-8", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "v5e:2x4: 8 v5e chips" in printed and "estimated train step (roofline" in printed
     report = json.loads(out.read_text())
