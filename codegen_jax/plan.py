@@ -206,10 +206,11 @@ def _flops_check(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, float]:
     no accumulation or remat and the XLA attention, and compares with `flops_per_token` for it. Its
     optimizer is AdamW: the check is of the model's FLOPs, and Muon's Newton-Schulz matmuls are
     optimizer work `flops_per_token` does not count (on tiny, 2048 tokens a step, ~1.5x the model's
-    FLOPs; on small and up, at far more tokens per step, a few percent). The SPMD partitioner also turns fsdp's all-gather + matmul (and matmul + reduce-scatter) into loops
-    over the shards ("windowed einsum", when the operands are large enough: 17-37% of the FLOPs went
-    uncounted for small, 1b and 7b on 32 chips), so the check compiles without them: the same FLOPs,
-    counted in full."""
+    FLOPs; on small and up, at far more tokens per step, a few percent). The SPMD partitioner also
+    turns fsdp's all-gather + matmul (and matmul + reduce-scatter) into loops over the shards
+    ("windowed einsum", when the operands are large enough: 17-37% of the FLOPs went uncounted for
+    small, 1b and 7b on 32 chips), so the check compiles without them: the same FLOPs, counted in
+    full."""
     from codegen_jax import tpu
 
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
