@@ -207,11 +207,10 @@ def _flops_check(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, float]:
     optimizer is AdamW: the check is of the model's FLOPs, and Muon's Newton-Schulz matmuls are
     optimizer work `flops_per_token` does not count, about 5 x d_model / (tokens per chip) of the
     model's FLOPs: more than the model's own in this check's 1 row per chip (1.56x on tiny), ~6% in
-    small's real step (65k tokens per chip). The SPMD partitioner also
-    turns fsdp's all-gather + matmul (and matmul + reduce-scatter) into loops over the shards
-    ("windowed einsum", when the operands are large enough: 17-37% of the FLOPs went uncounted for
-    small, 1b and 7b on 32 chips), so the check compiles without them: the same FLOPs, counted in
-    full."""
+    small's real step (65k tokens per chip). The SPMD partitioner also turns fsdp's all-gather +
+    matmul (and matmul + reduce-scatter) into loops over the shards ("windowed einsum", when the
+    operands are large enough: 17-37% of the FLOPs went uncounted for small, 1b and 7b on 32 chips),
+    so the check compiles without them: the same FLOPs, counted in full."""
     from codegen_jax import tpu
 
     dp = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -154,11 +154,11 @@ def _put_rows(state: DecodeState, rows_m: jax.Array | None, sub: DecodeState, st
 
     layers = tuple(LayerCache(put(big.k_bgks, small.k_bgks, 3), put(big.v_bgsk, small.v_bgsk, 2))
                    for big, small in zip(state.cache.layers, sub.cache.layers))
-    rows_m = slice(None) if rows_m is None else rows_m
-    rest = jax.tree.map(lambda big, small: big.at[rows_m].set(small),
+    rows = slice(None) if rows_m is None else rows_m
+    rest = jax.tree.map(lambda big, small: big.at[rows].set(small),
                         state.replace(cache=None, tokens_bs=None), sub.replace(cache=None, tokens_bs=None))
-    return rest.replace(cache=KVCache(layers, state.cache.lengths_b.at[rows_m].set(sub.cache.lengths_b)),
-                        tokens_bs=state.tokens_bs.at[rows_m, :length].set(sub.tokens_bs))
+    return rest.replace(cache=KVCache(layers, state.cache.lengths_b.at[rows].set(sub.cache.lengths_b)),
+                        tokens_bs=state.tokens_bs.at[rows, :length].set(sub.tokens_bs))
 
 
 def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, rows_m: jax.Array | None,
