@@ -139,13 +139,15 @@ def test_decode_runs_only_the_live_rows_over_the_cache_they_reach_and_equals_eac
         assert (result.tokens, result.finish_reason) == (alone.tokens, alone.finish_reason)
 
 
-def test_decode_length_buckets_are_powers_of_two_then_half_steps_above_256(setup):
+def test_decode_length_buckets_are_powers_of_two_then_finer_steps_above_256(setup):
     """Decode reads every attended slot each step: a call runs over the bucket of the slots its rows
-    reach (74 here: 70 of prompt, a chunk of 4 -> 128), with 1.5x steps above 256, where they save up
-    to a quarter of the reads."""
+    reach (74 here: 70 of prompt, a chunk of 4 -> 128). Above 256, calls of many rows take four steps
+    per doubling, calls of few rows 1.5x steps (fewer programs to compile)."""
     from codegen_jax.sample.scheduler import Request, Scheduler, decode_length
 
-    assert [decode_length(n) for n in (1, 64, 65, 96, 129, 256, 257, 384, 385, 513, 769, 1025)] == \
+    reaches = (1, 64, 65, 96, 129, 256, 257, 384, 385, 513, 769, 1025)
+    assert [decode_length(n) for n in reaches] == [64, 64, 128, 128, 256, 256, 320, 384, 448, 640, 896, 1280]
+    assert [decode_length(n, fine=False) for n in reaches] == \
         [64, 64, 128, 128, 256, 256, 384, 384, 512, 768, 1024, 1536]
     _, _, tok, gen = setup
     capacity = gen.model_cfg.max_seq_len
@@ -274,6 +276,31 @@ def test_same_seed_same_samples_whatever_the_batching(setup):
 
 
 # ---- stop strings, EOS, finish reasons ------------------------------------------------------------
+
+def test_row_text_decodes_only_new_tokens_and_equals_decoding_them_all(setup):
+    """A running row's text is kept between rounds and only the new tokens are decoded (streaming 32
+    rows re-decoded every row's whole text each round); after each round, including rounds that end
+    inside a multi-byte character, it equals decoding every token so far."""
+    from codegen_jax.sample.scheduler import Request, Scheduler, _Row
+
+    _, _, tok, gen = setup
+    ids = tok.encode("s = 'déjà vu → ✓ 日本語'\n    return naïve  # ünïcödé ✓✓\n")[1:]  # no BOS
+    sched = Scheduler(gen.engine, tok, slots=2)
+    decoded = []
+    sched.tokenizer = type("Counting", (), {"eos_id": tok.eos_id,
+                                            "decode": lambda self, t: decoded.append(len(t)) or tok.decode(t)})()
+    row, split_char, k = _Row(Request([1], 1)), False, 0
+    for size in [1, 2, 3] * len(ids):
+        if k >= len(ids):
+            break
+        row.tokens.extend(ids[k:k + size])
+        k += size
+        expected = tok.decode(row.tokens)
+        split_char |= expected.endswith("\ufffd")
+        assert sched._text(row) == expected
+    assert sched._text(row) == tok.decode(ids) and split_char  # the rounds did end inside a character
+    assert sum(decoded) < len(ids) * len(ids) / 4  # far fewer tokens than decoding every prefix whole
+
 
 def test_stop_string_trimmed_and_finish_reasons(setup):
     _, _, tok, gen = setup
