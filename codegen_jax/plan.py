@@ -184,7 +184,7 @@ def _sampler_programs(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, tuple[A
     sampling = SamplingParams(*(arg((n,), d) for d in (np.float32, np.float32, np.float32, np.int32,
                                                            np.float32)))
     admit_args = (params, state, arg((n, prompt), np.int32), arg((n,), np.int32), arg((n,), np.int32),
-                  arg((n,), bool), arg((n, 2), np.uint32), sampling, arg((n,), np.int32))
+                  arg((n,), bool), arg((n, 3), np.uint32), sampling, arg((n,), np.int32))
     admit = jax.jit(functools.partial(engine.admit, graphdef, mode=mode), donate_argnums=(1,),
                     out_shardings=(state_sh, None))
     decode = jax.jit(functools.partial(engine.decode, graphdef, n_steps=1, length=capacity, mode=mode),

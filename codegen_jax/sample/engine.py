@@ -64,6 +64,19 @@ class DecodeState:
         return self.cache.capacity
 
 
+@flax.struct.dataclass
+class Emitted:
+    """What one program call emitted for the rows it ran (leading dim: those rows, in its order): the
+    tokens (pad where a row was not live), how many of them are the row's, and whether the row is done
+    and ended at EOS after the call. Its own arrays (not views of the donated state), so the host may
+    read them after later calls were queued on that state."""
+
+    tokens_mk: jax.Array
+    n_new_m: jax.Array
+    done_m: jax.Array
+    eos_m: jax.Array
+
+
 def empty_state(model_cfg: Any, slots: int, capacity: int) -> DecodeState:
     """A state of `slots` empty (done) rows with `capacity` cache slots each."""
     zeros_b = jnp.zeros((slots,), jnp.int32)
@@ -87,13 +100,18 @@ def _record(state: DecodeState, token_b: jax.Array, live_b: jax.Array, mode: Sam
 
 
 def admit(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, tokens_np: jax.Array,
-          lengths_n: jax.Array, slots_n: jax.Array, live_n: jax.Array, keys_n2: jax.Array,
+          lengths_n: jax.Array, slots_n: jax.Array, live_n: jax.Array, key_ids_n3: jax.Array,
           sampling_n: SamplingParams, limit_n: jax.Array, *, mode: SamplingMode
-          ) -> tuple[DecodeState, jax.Array]:
+          ) -> tuple[DecodeState, Emitted]:
     """Prefill n right-padded prompts (row i: `lengths_n[i]` tokens, then padding) into slots
-    `slots_n` and sample their first tokens. Rows with `live_n` False only fill a group to its bucket
-    size: their slots stay done. Returns the state and the first tokens [n] (pad where not live)."""
+    `slots_n` and sample their first tokens; `key_ids_n3` (uint32 seed, prompt index, sample index)
+    names each row's random stream (`row_keys`). Rows with `live_n` False only fill a group to its
+    bucket size: their slots stay done. Returns the state and the first tokens [n, 1] (pad where not
+    live)."""
     model = nnx.merge(graphdef, params)
+    # the keys are made here rather than by a call of their own: on the host they had to wait for
+    # whatever the device was running (a server's decode chunk) before this prefill could be queued
+    keys_n2 = row_keys(key_ids_n3[:, 0], key_ids_n3[:, 1], key_ids_n3[:, 2])
     n, p = tokens_np.shape
     segment_ids_np = (jnp.arange(p)[None, :] < lengths_n[:, None]).astype(jnp.int32)
     cache = init_cache(model.cfg, n, p)
@@ -119,7 +137,8 @@ def admit(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, tokens_
     live_b = jnp.zeros((state.slots,), bool).at[slots_n].set(live_n)
     token_b = jnp.zeros((state.slots,), jnp.int32).at[slots_n].set(first_n)
     state, emitted_b = _record(state, token_b, live_b, mode)
-    return state, emitted_b[slots_n]
+    return state, Emitted(emitted_b[slots_n][:, None], live_n.astype(jnp.int32), state.done_b[slots_n],
+                          state.eos_b[slots_n])
 
 
 
@@ -163,13 +182,13 @@ def _put_rows(state: DecodeState, rows_m: jax.Array | None, sub: DecodeState, st
 
 def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, rows_m: jax.Array | None,
            stop_m: jax.Array, *, n_steps: int, length: int, mode: SamplingMode
-           ) -> tuple[DecodeState, jax.Array]:
+           ) -> tuple[DecodeState, Emitted]:
     """Up to `n_steps` one-token steps of the m rows `rows_m` (distinct slots; None: every slot, which a
     sharded state needs: gathering rows would move caches between devices), over the first `length`
     cache slots of each (the caller keeps every row's filled length + n_steps within it): a step costs
     what the live rows and their context need, not the whole state. `stop_m` marks rows the host ended
-    (a stop string, a client gone, an empty slot). Returns the state and the emitted tokens [m, n_steps]
-    (pad where a row was not live)."""
+    (a stop string, a client gone, an empty slot). Returns the state and what the m rows emitted (tokens
+    [m, n_steps], pad where a row was not live)."""
     model = nnx.merge(graphdef, params)
     sub = _take_rows(state, rows_m, length)
     out_mn = jnp.full((sub.slots, n_steps), mode.pad_id, jnp.int32)
@@ -194,9 +213,10 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, rows_m
         return i + 1, st, jax.lax.dynamic_update_slice_in_dim(out_mn, emitted_m[:, None], i, 1)
 
     sub = sub.replace(done_b=sub.done_b | stop_m)
-    start_m = sub.cache.lengths_b  # each row writes its steps from here on (a done row: at this slot)
+    start_m, n_gen0_m = sub.cache.lengths_b, sub.n_gen_b  # each row writes its steps from start_m on
     _, sub, out_mn = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), sub, out_mn))
-    return _put_rows(state, rows_m, sub, start_m, n_steps), out_mn
+    emitted = Emitted(out_mn, sub.n_gen_b - n_gen0_m, sub.done_b, sub.eos_b)
+    return _put_rows(state, rows_m, sub, start_m, n_steps), emitted
 
 
 def grow(state: DecodeState, *, capacity: int) -> DecodeState:
@@ -225,7 +245,6 @@ def state_shardings(model_cfg: Any, mesh: jax.sharding.Mesh, slots: int, capacit
     return jax.tree_util.tree_map_with_path(one, abstract)
 
 
-@jax.jit
 def row_keys(seed_b: jax.Array, prompt_idx_b: jax.Array, sample_idx_b: jax.Array) -> jax.Array:
     """Raw uint32 [b, 2] keys: fold_in(fold_in(PRNGKey(seed), prompt index), sample index) per row."""
     def one(seed, i, j):
@@ -301,11 +320,11 @@ class Engine:
                               out_shardings=self.state_shardings(slots, capacity))()
 
     def admit(self, state: DecodeState, tokens_np: np.ndarray, lengths_n: np.ndarray, slots_n: np.ndarray,
-              live_n: np.ndarray, keys_n2: np.ndarray, sampling_n: SamplingParams, limit_n: np.ndarray,
-              mode: SamplingMode) -> tuple[DecodeState, jax.Array]:
+              live_n: np.ndarray, key_ids_n3: np.ndarray, sampling_n: SamplingParams, limit_n: np.ndarray,
+              mode: SamplingMode) -> tuple[DecodeState, Emitted]:
         """Run `admit` on host arrays (every leading dim n; slots distinct)."""
         rep = functools.partial(self.put, batched=False)
-        args = (self.params, state, *map(rep, (tokens_np, lengths_n, slots_n, live_n, keys_n2)),
+        args = (self.params, state, *map(rep, (tokens_np, lengths_n, slots_n, live_n, key_ids_n3)),
                 SamplingParams(*map(rep, sampling_n)), rep(limit_n))
         key = ("admit", tokens_np.shape, state.slots, state.capacity, mode)
         fn = functools.partial(admit, self.graphdef, mode=mode)
@@ -313,7 +332,7 @@ class Engine:
         return self._compiled(key, fn, args, donate=(1,), out_shardings=out_sh)(*args)
 
     def decode(self, state: DecodeState, rows_m: np.ndarray | None, stop_m: np.ndarray, n_steps: int,
-               length: int, mode: SamplingMode) -> tuple[DecodeState, jax.Array]:
+               length: int, mode: SamplingMode) -> tuple[DecodeState, Emitted]:
         """Run `decode` on rows `rows_m` (host ints, distinct; None: all) over their first `length`
         cache slots."""
         args = self._decode_args(state, rows_m, stop_m)
