@@ -175,15 +175,14 @@ def test_fixed_shapes_decode_every_slot_over_the_whole_cache(setup):
     assert [r.tokens for r in fixed] == [r.tokens for r in bucketed]
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_cancelling_a_waiting_row_returns_its_result_and_a_running_one_ends_next_step(setup, overlap):
+def test_cancelling_a_waiting_row_returns_its_result_and_a_running_one_ends_next_step(setup):
     """A server client that leaves: every row it had gets a result (so the server's count of rows in
     hand comes back down), the waiting ones at once, the running ones at the next step."""
     from codegen_jax.sample.scheduler import Request, Scheduler
 
     _, _, tok, gen = setup
     running, waiting = object(), object()
-    sched = Scheduler(gen.engine, tok, slots=1, refill=True, chunk=2, open_queue=True, overlap=overlap)
+    sched = Scheduler(gen.engine, tok, slots=1, refill=True, chunk=2, open_queue=True)
     ids = gen.prompt_ids(PROMPTS[0], 8)
     sched.submit(Request(ids, 40, tag=running))
     first = sched.step()
@@ -196,42 +195,6 @@ def test_cancelling_a_waiting_row_returns_its_result_and_a_running_one_ends_next
     assert [(r.request.tag, r.finish_reason) for r in ended] == [(running, "cancelled")] and not sched.busy
 
 
-def test_overlapped_rounds_read_a_chunk_behind_and_give_the_same_rows(setup):
-    """`overlap` (the server): a round queues its decode chunk before reading the last one, so the
-    host's tokens trail what is queued by one chunk; rows that end mid-chunk (budget, EOS, stop
-    strings), streaming and slots refilled a round late still give each row what it gives without
-    overlap, streamed text included."""
-    from codegen_jax.sample.scheduler import Request, Scheduler
-
-    _, _, tok, gen = setup
-    capacity = gen.model_cfg.max_seq_len
-    lone = Scheduler(gen.engine, tok, slots=1, chunk=2, min_capacity=capacity, open_queue=True, overlap=True)
-    lone.submit(Request(gen.prompt_ids(PROMPTS[0], 8), 40))
-    lags = []
-    for _ in range(6):
-        lone.step()
-        (row,) = lone.rows.values()
-        lags.append(row.queued - len(row.tokens))
-    assert lags == [1, 2, 2, 2, 2, 2]  # first the admitted row's first token is unread, then a chunk
-
-    def requests(streams):
-        out = []
-        for i, (prompt, n) in enumerate(zip(PROMPTS + ["x = [", "import os\n"], [3, 17, 9, 25, 6])):
-            stop = ["\n"] if i % 2 else []
-            out.append(Request(gen.prompt_ids(prompt, n), n, stop=stop, on_text=streams[i].append))
-        return out
-
-    runs = {}
-    for overlap in (False, True):
-        streams = [[] for _ in range(5)]
-        sched = Scheduler(gen.engine, tok, slots=2, chunk=4, min_capacity=capacity, open_queue=True, overlap=overlap)
-        runs[overlap] = (sched.run(requests(streams)), streams)
-        assert not sched.busy and not sched.rows
-    (plain, plain_streams), (overlapped, overlapped_streams) = runs[False], runs[True]
-    assert [(r.tokens, r.text, r.finish_reason) for r in overlapped] == \
-        [(r.tokens, r.text, r.finish_reason) for r in plain]
-    assert ["".join(s) for s in overlapped_streams] == [r.text for r in overlapped]
-    assert {r.finish_reason for r in plain} >= {"length", "stop"}
 def test_buckets_are_few_and_tight():
     assert [bucket(n) for n in (1, 16, 17, 25, 33, 100, 129)] == [16, 16, 24, 32, 48, 128, 192]
     assert len({bucket(n) for n in range(1, 2049)}) <= 16

@@ -68,8 +68,8 @@ class DecodeState:
 class Emitted:
     """What one program call emitted for the rows it ran (leading dim: those rows, in its order): the
     tokens (pad where a row was not live), how many of them are the row's, and whether the row is done
-    and ended at EOS after the call. Its own arrays (not views of the donated state), so the host may
-    read them after later calls were queued on that state."""
+    and ended at EOS after the call (only what the host needs of the state, so a round fetches these
+    few values rather than the state's per-slot arrays)."""
 
     tokens_mk: jax.Array
     n_new_m: jax.Array

@@ -7,11 +7,6 @@ text deltas and finished rows. Two policies share it: static batches (`refill=Fa
 every slot is free, as `Generator` batching did) and continuous batching (`refill=True`: a slot is
 refilled as soon as its row ends; the server, and `Generator` by default). Shapes are bucketed (prompt
 length, cache capacity, group size), so a stream of requests compiles a few programs, once.
-
-With `overlap` (the server) a round queues its decode chunk before it reads the previous round's
-tokens, so the host's share of a round (tokens to text, stop strings, streaming, admitting) runs while
-the device decodes instead of between its calls. The price is a round of lag: a row that ended in one
-chunk still rides in the next (its tokens are dropped), and a row's first token is read a round later.
 """
 
 from __future__ import annotations
@@ -107,7 +102,6 @@ class _Row:
     cancelled: bool = False
     text: str = ""  # the decoded text of tokens[:n_text] (kept so each round decodes only its new tokens)
     n_text: int = 0
-    queued: int = 0  # tokens it has once every call queued so far has run, at most (its budget)
 
 
 def _tokens_covering(tokenizer: Any, tokens: list[int], n_chars: int) -> list[int]:
@@ -122,7 +116,7 @@ class Scheduler:
 
     def __init__(self, engine: Engine, tokenizer: Any, slots: int, *, refill: bool = True, chunk: int = 16,
                  min_capacity: int = 64, max_group: int = 0, open_queue: bool = False, precompile: bool = False,
-                 fixed_shapes: bool = False, overlap: bool = False):
+                 fixed_shapes: bool = False):
         """`chunk`: decode steps per round when rows may need the host in between (stop strings,
         streaming, waiting requests); `min_capacity`: the smallest cache (the server sets the context,
         so shapes never change); `max_group`: the most prompts prefilled together (0: any; the server
@@ -132,22 +126,18 @@ class Scheduler:
         compiles once its mode has been seen); `fixed_shapes`: every decode call runs every slot over
         the whole cache, so a row's numbers never depend on what runs beside it (the buckets change
         the matmul and reduction shapes, which moves logits by float rounding, ~1e-6: greedy output
-        differs only at such near-ties), at the cost of decoding all slots at full length; `overlap`: each
-        round queues its decode before reading the last one's output (see the module docstring)."""
+        differs only at such near-ties), at the cost of decoding all slots at full length."""
         self.engine, self.tokenizer = engine, tokenizer
         self.slots = -(-slots // engine.dp) * engine.dp
         self.refill, self.chunk, self.min_capacity = refill, chunk, min_capacity
         self.max_group, self.open_queue = max_group or self.slots, open_queue
         self.precompile, self._precompiled, self.fixed_shapes = precompile, set(), fixed_shapes
-        self.overlap = overlap
         self.context = engine.model_cfg.max_seq_len
         self.vocab_limit = min(engine.model_cfg.vocab_size, tokenizer.vocab_size)
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: dict[int, _Row] = {}  # slot -> row
         self.finished: list[Result] = []
         self.state: DecodeState | None = None
-        # calls queued whose output the host has not read: (rows they ran as (output row, slot, row), output)
-        self._unread: list[tuple[list[tuple[int, int, _Row]], Emitted]] = []
         self.stats = {"run_s": 0.0, "new_tokens": 0, "prefills": 0, "decode_calls": 0}
         self.decode_shapes: collections.Counter = collections.Counter()  # (live, rows, cache length) -> calls
 
@@ -170,7 +160,7 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.rows or self._unread)
+        return bool(self.waiting or self.rows)
 
     @property
     def free_slots(self) -> int:
@@ -193,19 +183,10 @@ class Scheduler:
         t0, compile0 = time.perf_counter(), self.engine.compile_s
         for slot in [s for s, row in self.rows.items() if row.cancelled]:
             self._finish(slot, hit_eos=False)
-        if self.overlap:  # queue the chunk, then read the last round's output while it runs
-            if self.rows:
-                self._decode()
-            self._read(keep=1 if self.rows else 0)
-            if self.waiting and (self.refill or not self.rows):
-                self._admit()
-        else:
-            if self.waiting and (self.refill or not self.rows):
-                self._admit()
-                self._read()
-            if self.rows:
-                self._decode()
-                self._read()
+        if self.waiting and (self.refill or not self.rows):
+            self._admit()
+        if self.rows:
+            self._decode()
         self.stats["run_s"] += time.perf_counter() - t0 - (self.engine.compile_s - compile0)
         done, self.finished = self.finished, []
         return done
@@ -273,11 +254,9 @@ class Scheduler:
             self.state, tokens_np, lengths_n, np.array(slots, np.int32), np.arange(n) < len(group), key_ids_n3,
             sampling_n, limit_n, self._mode(group + [row.request for row in self.rows.values()]))
         self.stats["prefills"] += 1
-        ran = []
-        for i, (slot, r) in enumerate(zip(slots, group)):
-            self.rows[slot] = row = _Row(r, queued=1)
-            ran.append((i, slot, row))
-        self._unread.append((ran, emitted))
+        for slot, r in zip(slots, group):
+            self.rows[slot] = _Row(r)
+        self._read(slots, emitted)
 
     def _decode(self) -> None:
         rows = list(self.rows.values())
@@ -285,7 +264,7 @@ class Scheduler:
                 or (self.refill and self.waiting)):
             n_steps = self.chunk
         else:  # nothing to check or admit before the rows end: one call to the end
-            n_steps = bucket(max(row.request.max_new_tokens - row.queued for row in rows), self.chunk)
+            n_steps = bucket(max(row.request.max_new_tokens - len(row.tokens) for row in rows), self.chunk)
         # only the running rows, padded with empty slots to a bucket of rows, over the cache slots
         # they can reach in this call
         m = self._rows_bucket(len(self.rows))
@@ -294,7 +273,7 @@ class Scheduler:
             rows_m = list(range(self.slots))
         else:
             rows_m = (sorted(self.rows) + [s for s in range(self.slots) if s not in self.rows])[:m]
-        reach = max(len(row.request.ids) + min(row.request.max_new_tokens, row.queued - 1 + n_steps)
+        reach = max(len(row.request.ids) + min(row.request.max_new_tokens, len(row.tokens) - 1 + n_steps)
                     for row in rows)
         length = self._length_bucket(reach, m)
         mode = self._mode([row.request for row in rows])
@@ -305,24 +284,17 @@ class Scheduler:
                                                  stop_m, n_steps, length, mode)
         self.stats["decode_calls"] += 1
         self.decode_shapes[(len(self.rows), m, length)] += 1
-        ran = [(i, slot, self.rows[slot]) for i, slot in enumerate(rows_m) if slot in self.rows]
-        for _, _, row in ran:
-            row.queued = min(row.queued + n_steps, row.request.max_new_tokens)
-        self._unread.append((ran, emitted))
+        self._read(rows_m, emitted)
 
-    def _read(self, keep: int = 0) -> None:
-        """Read the output of the queued calls but the last `keep` (waiting for them to run): each row
-        takes its new tokens, and the rows that are done (by the engine: EOS, budget; or by a stop
-        string) finish. A row that finished meanwhile (or whose slot holds another row now) is skipped."""
-        while len(self._unread) > keep:
-            ran, emitted = self._unread.pop(0)
-            tokens_mk, n_new_m, done_m, eos_m = (fetch(x) for x in (emitted.tokens_mk, emitted.n_new_m,
-                                                                     emitted.done_m, emitted.eos_m))
-            for i, slot, row in ran:
-                if self.rows.get(slot) is not row:
-                    continue
+    def _read(self, slots: Sequence[int], emitted: Emitted) -> None:
+        """Take what a call emitted for the rows in `slots` (its output rows, in order; empty slots are
+        skipped) and finish the rows that are done: by the engine (EOS, budget) or by a stop string."""
+        tokens_mk, n_new_m, done_m, eos_m = (fetch(x) for x in (emitted.tokens_mk, emitted.n_new_m,
+                                                                 emitted.done_m, emitted.eos_m))
+        for i, slot in enumerate(slots):
+            if slot in self.rows:
                 self._take(slot, [int(t) for t in tokens_mk[i, :n_new_m[i]]])
-                if done_m[i] or self._stopped(row) is not None:
+                if done_m[i] or self._stopped(self.rows[slot]) is not None:
                     self._finish(slot, bool(eos_m[i]))
 
     def _rows_bucket(self, n: int) -> int:

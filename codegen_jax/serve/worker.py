@@ -30,11 +30,10 @@ class Worker:
         # whatever arrives with it, so concurrent results equal results alone; with `precompile` every
         # decode bucket compiles the first time a sampling mode is seen (the warm-up), so no later mix
         # of requests in that mode compiles; `batch_invariant` fixes the decode shapes (every slot, the
-        # whole context), so results are bitwise those of the request alone; `overlap`: a round's host
-        # work (text, stop strings, streaming, admitting) runs while the next decode chunk does
+        # whole context), so results are bitwise those of the request alone
         self.scheduler = Scheduler(gen.engine, gen.tokenizer, slots, refill=True, chunk=chunk,
                                    min_capacity=gen.model_cfg.max_seq_len, max_group=1, open_queue=True,
-                                   precompile=precompile, fixed_shapes=batch_invariant, overlap=True)
+                                   precompile=precompile, fixed_shapes=batch_invariant)
         self.slots, self.max_queue = self.scheduler.slots, max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[int, Callable[[Result], None]] = {}  # id(request) -> result callback
