@@ -106,11 +106,11 @@ def admit(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, tokens_
     """Prefill n right-padded prompts (row i: `lengths_n[i]` tokens, then padding) into slots
     `slots_n` and sample their first tokens; `key_ids_n3` (uint32 seed, prompt index, sample index)
     names each row's random stream (`row_keys`). Rows with `live_n` False only fill a group to its
-    bucket size: their slots stay done. Returns the state and the first tokens [n, 1] (pad where not
-    live)."""
+    bucket size: their slots stay done. Returns the state and what the n rows emitted (their first
+    tokens, [n, 1], pad where not live)."""
     model = nnx.merge(graphdef, params)
-    # the keys are made here rather than by a call of their own: on the host they had to wait for
-    # whatever the device was running (a server's decode chunk) before this prefill could be queued
+    # the keys are made here rather than by a program of their own whose result the host fetched: that
+    # was one more call and one more wait for the device per prefill
     keys_n2 = row_keys(key_ids_n3[:, 0], key_ids_n3[:, 1], key_ids_n3[:, 2])
     n, p = tokens_np.shape
     segment_ids_np = (jnp.arange(p)[None, :] < lengths_n[:, None]).astype(jnp.int32)
