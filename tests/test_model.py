@@ -256,10 +256,11 @@ def test_logits_equal_hf_llama(scan):
     assert np.abs(np.asarray(ours) - ref).max() < 1e-5
 
 
-@pytest.mark.parametrize("t,block", [(45, 16), (64, 16), (8, 128)])
-def test_blockwise_causal_attention_equals_full_masked_attention(t, block):
-    """The training path's attention (keys beyond each query block skipped) against
-    jax.nn.dot_product_attention with the full segment + causal mask: values and gradients."""
+@pytest.mark.parametrize("t,block,window", [(45, 16, 0), (64, 16, 0), (8, 128, 0), (45, 16, 10), (150, 128, 0)])
+def test_blockwise_causal_attention_equals_full_masked_attention(t, block, window):
+    """The training path's attention (keys beyond each query block skipped; its gradient written out,
+    in blocks of its own size) against jax.nn.dot_product_attention with the full segment + causal
+    (+ sliding window) mask: values and gradients."""
     from codegen_jax.attention import causal_attention
 
     b, h, g, k = 2, 4, 2, 8
@@ -268,10 +269,11 @@ def test_blockwise_causal_attention_equals_full_masked_attention(t, block):
     kv = [jax.random.normal(kk, (b, g, t, k)) for kk in keys[1:]]
     seg = jnp.asarray(np.sort(np.random.RandomState(0).randint(0, 4, (b, t)), axis=1))  # 0 = padding
     # written out here, independently of the kernels: same segment, and causal
-    mask = ((seg[:, :, None] == seg[:, None, :]) & (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]))[:, None]
+    back = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
+    mask = ((seg[:, :, None] == seg[:, None, :]) & (back >= 0) & ((back < window) | (window == 0)))[:, None]
 
     def ours(q, k_, v_):
-        return causal_attention(q, k_, v_, seg, block=block)
+        return causal_attention(q, k_, v_, seg, window=window, block=block)
 
     def full(q, k_, v_):
         o = jax.nn.dot_product_attention(q.transpose(0, 2, 1, 3), k_.transpose(0, 2, 1, 3),
