@@ -42,7 +42,10 @@ def test_cli_on_a_checkpoint(tmp_path, capsys, small_tokenizer):
 
     from conftest import tiny_config
 
-    cfg = tiny_config(f"model.vocab_size={small_tokenizer.vocab_size}", "model.max_seq_len=128")
+    # the run's own decoding (a training run's closing check blocks repeated n-grams when its config's
+    # sample section says so) is the default; --no-repeat-ngram overrides it
+    cfg = tiny_config(f"model.vocab_size={small_tokenizer.vocab_size}", "model.max_seq_len=128",
+                      "sample.no_repeat_ngram=2")
     write_params_checkpoint(tmp_path / "run", cfg, nnx.to_pure_dict(nnx.state(create_model(cfg.model))),
                             small_tokenizer, step=1)
     prompts = tmp_path / "p.jsonl"
@@ -54,6 +57,11 @@ def test_cli_on_a_checkpoint(tmp_path, capsys, small_tokenizer):
     report = json.loads(out.read_text())
     assert report["total"] == 4 and f"({report['parsed']} of 4 greedy function completions" in printed
     assert len(report["results"]) == 4 and all(r["prompt"] == p for r, p in zip(report["results"], DEFAULT_PROMPTS))
+    assert report["no_repeat_ngram"] == 2 and "; 2-grams blocked)" in printed.splitlines()[0]
+    assert cli.main(["eval", "parse", "--checkpoint", str(tmp_path / "run"), "--prompts", str(prompts),
+                     "--max-new-tokens", "24", "--no-repeat-ngram", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text())["no_repeat_ngram"] == 0 and "blocked" not in printed
 
 
 def test_the_completed_function_is_judged_not_a_helper_before_it():

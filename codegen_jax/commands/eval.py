@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--prompts", help="JSONL of {\"prompt\": ...} lines (default: the built-in signatures)")
     e.add_argument("--max-new-tokens", type=int, default=160)
-    e.add_argument("--no-repeat-ngram", type=int, default=0, help="forbid repeating n-grams (0: off)")
+    e.add_argument("--no-repeat-ngram", type=int, default=None,
+                   help="forbid repeating n-grams (0: off; default: the checkpoint's sample.no_repeat_ngram, "
+                        "what its training run's closing check used)")
     e.add_argument("--out", help="write every completion and the rate to this JSON file")
     e.set_defaults(run=run_parse)
 
@@ -58,8 +60,10 @@ def run_parse(args: argparse.Namespace) -> None:
     check_options(max_new_tokens=args.max_new_tokens, no_repeat_ngram=args.no_repeat_ngram)
     prompts = load_prompts(args.prompts)
     gen = Generator.from_checkpoint(args.checkpoint)
-    extra = {"no_repeat_ngram": args.no_repeat_ngram} if args.no_repeat_ngram else {}
-    report = run_parse_eval(gen, prompts, max_new_tokens=args.max_new_tokens, **extra)
+    s = gen.sample_cfg  # the run's own settings, so this repeats the figure its training run printed
+    ngram = s.no_repeat_ngram if args.no_repeat_ngram is None else args.no_repeat_ngram
+    report = run_parse_eval(gen, prompts, max_new_tokens=args.max_new_tokens,
+                            repetition_penalty=s.repetition_penalty, no_repeat_ngram=ngram)
     print(format_parse(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -67,8 +71,12 @@ def run_parse(args: argparse.Namespace) -> None:
 
 def format_parse(report: dict, failures: int = 3) -> str:
     """The rate, then the first few failures (what was generated, and the parser's complaint)."""
+    controls = [f"{report['no_repeat_ngram']}-grams blocked" if report.get("no_repeat_ngram") else "",
+                f"repetition penalty {report['repetition_penalty']:g}"
+                if report.get("repetition_penalty", 1.0) != 1.0 else ""]
+    controls = ", ".join(c for c in controls if c)
     lines = [f"parse rate {report['parse_rate']:.0%} ({report['parsed']} of {report['total']} greedy function "
-             "completions parse as Python)"]
+             f"completions parse as Python{'; ' + controls if controls else ''})"]
     for f in report["failures"][:failures]:
         first = f["prompt"].splitlines()[0]
         lines.append(f"  failed: {first} ... -> {f['error']}")
