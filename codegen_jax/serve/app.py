@@ -53,15 +53,8 @@ def create_app(gen: Generator, worker: Worker, model_name: str, api_key: str | N
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid JSON")
         return JSONResponse(ApiError(400, message, param=where).body(), status_code=400)
 
-    @app.middleware("http")
-    async def _auth(request: HttpRequest, call_next):
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                err = ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                               type_="authentication_error", code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_ApiKey, key=api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -184,6 +177,26 @@ def create_app(gen: Generator, worker: Worker, model_name: str, api_key: str | N
                 "stop": res.finish_reason != "length"}
 
     return app
+
+
+class _ApiKey:
+    """ASGI middleware: every path but /health needs `Authorization: Bearer KEY`, else 401. A plain
+    ASGI class rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware passes a streamed
+    response through a memory stream and a task of its own, chunk by chunk, which cost the event loop
+    (and so the engine thread, which waits for the GIL) on every server-sent event."""
+
+    def __init__(self, app: Any, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                err = ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                               type_="authentication_error", code="invalid_api_key")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _sse(obj: dict) -> str:
