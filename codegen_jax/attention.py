@@ -66,7 +66,7 @@ def causal_attention(q_bhtk: jax.Array, k_bgtk: jax.Array, v_bgtk: jax.Array, se
     Its gradient is written out (`_causal_bwd`, flash attention's backward): each block's
     probabilities are recomputed from the saved log-partition, and the five products run in blocks
     of `BWD_BLOCK` queries. Left to autodiff, the backward of the forward's blocks took ~5x the
-    forward on CPU (fp32, t=256, one layer of the tiny model: 18 ms of fwd+bwd against 10 ms)."""
+    forward on CPU (fp32, t=256, one layer of the tiny model: 18 ms of fwd+bwd against 11 ms)."""
     return _causal_fwd(q_bhtk, k_bgtk, v_bgtk, segment_ids_bt, window, block)[0]
 
 
@@ -94,7 +94,7 @@ def _causal_fwd(q_bhtk, k_bgtk, v_bgtk, segment_ids_bt, window, block):
     return o_bhtk, (q_bhtk, k_bgtk, v_bgtk, segment_ids_bt, o_bhtk, lse_bgrt1)
 
 
-BWD_BLOCK = 64  # query rows per block of the backward (fwd+bwd of a tiny-model layer: 10 ms at 64, 14 at 128)
+BWD_BLOCK = 64  # query rows per block of the backward (fwd+bwd of a tiny-model layer: 11 ms at 64, 15 at 128)
 
 
 def _causal_bwd(window, block, res, do_bhtk):
