@@ -16,7 +16,7 @@ import numpy as np
 
 from codegen_jax.config import Config
 from codegen_jax.config_checks import mesh_shape
-from codegen_jax.flops import flops_per_token, param_count
+from codegen_jax.flops import attention_flops_per_token, flops_per_token, param_count
 from codegen_jax.model import abstract_model, resolve_config
 from codegen_jax.sharding import batch_sharding, logical_to_spec
 
@@ -223,7 +223,7 @@ def _flops_check(cfg: Config, mesh: jax.sharding.Mesh) -> dict[str, float]:
     step, args = _train_program(check, mesh)
     r = tpu.compile_report("train_step[flops check]", step, args, mesh, compiler_options=NO_WINDOWED_EINSUM)
     m, t = check.model, check.data.seq_len
-    recompute = m.n_layers * 2 * m.n_heads * m.head_dim * t / 2  # per token: the causal half of q @ k^T
+    recompute = attention_flops_per_token(m, t) / 2  # q @ k^T, one of the two matmuls
     ours = (flops_per_token(m, t) + recompute) * t * dp / mesh.size
     return {"check_compiler_flops": r.flops, "check_model_flops": ours, "check_ratio": r.flops / ours,
             "check_program": "2 unrolled layers, 1 row per chip, no remat, XLA attention, whole loss, no windowed einsum"}
