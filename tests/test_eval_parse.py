@@ -24,6 +24,22 @@ def test_score_counts_what_parses_and_keeps_the_failures():
     assert (report["parsed"], report["total"]) == (1, 3) and abs(report["parse_rate"] - 1 / 3) < 1e-9
     assert [f["completion"] for f in report["failures"]] == ["\n    return (x *", "\n    retur x"]
     assert all("SyntaxError" in f["error"] for f in report["failures"])
+    assert report["unfinished"] == 0 and all(r["ended"] for r in report["results"])  # none hit the limit
+
+
+def test_failures_still_inside_their_function_at_the_token_limit_are_counted_apart():
+    completions = ["\n    if x:\n        return (x,", "\n    return (x *\nnext = 1", "\n    retur x", "\n    return x"]
+    report = score([PROMPT] * 4, completions, hit_limit=[True, True, False, True])
+    # 1: cut by the limit inside the function; 2: hit it too, but its function had ended (a wrong short
+    # body); 3: stopped by itself; 4: parses, so it is no failure whatever the limit
+    assert [r["ended"] for r in report["results"]] == [False, True, True, False]
+    assert (report["parsed"], len(report["failures"]), report["unfinished"]) == (1, 3, 1)
+    from codegen_jax.commands.eval import format_parse
+
+    line = format_parse({**report, "max_new_tokens": 160}, failures=0)
+    assert line == ("parse rate 25% (1 of 4 greedy function completions parse as Python); 1 of the 3 failures "
+                    "were still inside their function at the 160-token limit")
+    assert "limit" not in format_parse({**score([PROMPT], ["\n    retur x"]), "max_new_tokens": 160})
 
 
 def test_default_prompts_parse_with_a_body_and_empty_bodies_do_not_count():
@@ -58,6 +74,7 @@ def test_cli_on_a_checkpoint(tmp_path, capsys, small_tokenizer):
     assert report["total"] == 4 and f"({report['parsed']} of 4 greedy function completions" in printed
     assert len(report["results"]) == 4 and all(r["prompt"] == p for r, p in zip(report["results"], DEFAULT_PROMPTS))
     assert report["no_repeat_ngram"] == 2 and "; 2-grams blocked)" in printed.splitlines()[0]
+    assert report["unfinished"] == sum(not r["ended"] for r in report["failures"])
     assert cli.main(["eval", "parse", "--checkpoint", str(tmp_path / "run"), "--prompts", str(prompts),
                      "--max-new-tokens", "24", "--no-repeat-ngram", "0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -70,13 +70,17 @@ def run_parse(args: argparse.Namespace) -> None:
 
 
 def format_parse(report: dict, failures: int = 3) -> str:
-    """The rate, then the first few failures (what was generated, and the parser's complaint)."""
+    """The rate (and how many failures ran to the token limit inside their function), then the first few
+    failures (what was generated, and the parser's complaint)."""
     controls = [f"{report['no_repeat_ngram']}-grams blocked" if report.get("no_repeat_ngram") else "",
                 f"repetition penalty {report['repetition_penalty']:g}"
                 if report.get("repetition_penalty", 1.0) != 1.0 else ""]
     controls = ", ".join(c for c in controls if c)
     lines = [f"parse rate {report['parse_rate']:.0%} ({report['parsed']} of {report['total']} greedy function "
              f"completions parse as Python{'; ' + controls if controls else ''})"]
+    if report.get("unfinished"):
+        lines[0] += (f"; {report['unfinished']} of the {len(report['failures'])} failures were still inside "
+                     f"their function at the {report['max_new_tokens']}-token limit")
     for f in report["failures"][:failures]:
         first = f["prompt"].splitlines()[0]
         lines.append(f"  failed: {first} ... -> {f['error']}")

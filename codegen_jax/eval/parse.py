@@ -133,16 +133,23 @@ def _outer_functions(tree: ast.AST) -> list[ast.FunctionDef | ast.AsyncFunctionD
     return out
 
 
-def score(prompts: Sequence[str], completions: Sequence[str]) -> dict:
-    """Parse rate of prompt + completion (cut at the function's end), with every failure."""
+def score(prompts: Sequence[str], completions: Sequence[str], hit_limit: Sequence[bool] | None = None) -> dict:
+    """Parse rate of prompt + completion (cut at the function's end), with every failure.
+
+    `hit_limit[i]`: completion i stopped at the token limit. One that did with no line back at the
+    `def`'s indentation is `ended: False`, still inside its function (its last line may be cut), and
+    the failures of that kind are counted apart (`unfinished`): a long body, not a short wrong one."""
+    hit_limit = [False] * len(completions) if hit_limit is None else hit_limit
     results = []
-    for prompt, completion in zip(prompts, completions, strict=True):
+    for prompt, completion, limited in zip(prompts, completions, hit_limit, strict=True):
         body = function_end(prompt, completion)
         error = parses(prompt + body)
-        results.append({"prompt": prompt, "completion": body, "parsed": error is None, "error": error})
+        ended = not limited or body != completion
+        results.append({"prompt": prompt, "completion": body, "parsed": error is None, "error": error, "ended": ended})
     n_ok = sum(r["parsed"] for r in results)
-    return {"parse_rate": n_ok / max(len(results), 1), "parsed": n_ok, "total": len(results),
-            "failures": [r for r in results if not r["parsed"]], "results": results}
+    failures = [r for r in results if not r["parsed"]]
+    return {"parse_rate": n_ok / max(len(results), 1), "parsed": n_ok, "total": len(results), "failures": failures,
+            "unfinished": sum(not r["ended"] for r in failures), "results": results}
 
 
 def load_prompts(path: str | os.PathLike | None) -> list[str]:
@@ -165,4 +172,5 @@ def run_parse_eval(generator, prompts: Sequence[str] | None = None, max_new_toke
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     stops = ["\ndef ", "\nclass ", "\nif __name__", "\n@", "\n#", "\nprint("]
     outs = generator.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=stops, **sampling)
-    return {**score(prompts, [o[0].text for o in outs]), "max_new_tokens": max_new_tokens, **sampling}
+    report = score(prompts, [o[0].text for o in outs], [o[0].finish_reason == "length" for o in outs])
+    return {**report, "max_new_tokens": max_new_tokens, **sampling}
