@@ -42,6 +42,21 @@ def test_failures_still_inside_their_function_at_the_token_limit_are_counted_apa
     assert "limit" not in format_parse({**score([PROMPT], ["\n    retur x"]), "max_new_tokens": 160})
 
 
+def test_run_parse_eval_takes_the_token_limit_from_each_generation_s_finish_reason():
+    from types import SimpleNamespace
+
+    from codegen_jax.eval.parse import run_parse_eval
+
+    class Stub:  # the same unfinished text, once cut by the limit and once ended by EOS
+        def generate(self, prompts, **kwargs):
+            return [[SimpleNamespace(text="\n    if x:\n        return (x,", finish_reason=reason)]
+                    for reason in ("length", "eos")]
+
+    report = run_parse_eval(Stub(), [PROMPT, PROMPT], max_new_tokens=12)
+    assert [r["ended"] for r in report["results"]] == [False, True] and report["unfinished"] == 1
+    assert report["max_new_tokens"] == 12
+
+
 def test_default_prompts_parse_with_a_body_and_empty_bodies_do_not_count():
     assert len(DEFAULT_PROMPTS) >= 20
     assert score(DEFAULT_PROMPTS, ["\n    return None"] * len(DEFAULT_PROMPTS))["parse_rate"] == 1.0
@@ -74,7 +89,6 @@ def test_cli_on_a_checkpoint(tmp_path, capsys, small_tokenizer):
     assert report["total"] == 4 and f"({report['parsed']} of 4 greedy function completions" in printed
     assert len(report["results"]) == 4 and all(r["prompt"] == p for r, p in zip(report["results"], DEFAULT_PROMPTS))
     assert report["no_repeat_ngram"] == 2 and "; 2-grams blocked)" in printed.splitlines()[0]
-    assert report["unfinished"] == sum(not r["ended"] for r in report["failures"])
     assert cli.main(["eval", "parse", "--checkpoint", str(tmp_path / "run"), "--prompts", str(prompts),
                      "--max-new-tokens", "24", "--no-repeat-ngram", "0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
